@@ -1,0 +1,1 @@
+"""One module per method: its config dataclass and its trainer."""
