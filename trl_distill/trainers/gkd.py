@@ -1,0 +1,292 @@
+"""GKDVariant: TRL's GKD trainer with more divergences, a top-k teacher, a chunked loss and a 4-bit teacher.
+
+`GKDTrainer` -> `GKDVariant` (and `GKDConfig` -> `GKDVariantConfig`) is the only change a TRL GKD script needs.
+With the defaults (`loss_type="jsd"`, `loss_temperature=1.0`, no top-k) the loss is TRL's `generalized_jsd_loss`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from trl.experimental.gkd import GKDConfig, GKDTrainer
+from trl.experimental.utils import DataCollatorForChatML
+from trl.models import prepare_deepspeed
+from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+from trl.trainer.sft_trainer import SFTTrainer
+from trl.trainer.utils import disable_dropout_in_model
+
+from .. import losses
+from ..teacher import backbone_hidden_states, check_vocab_compatible, load_teacher, model_name, output_head
+
+TEACHER_QUANTIZATIONS = (None, "4bit")
+
+
+@dataclass
+class GKDVariantConfig(GKDConfig):
+    r"""
+    Configuration for [`GKDVariant`]. Every field of TRL's `GKDConfig` keeps its meaning; the fields below are added.
+
+    Args:
+        loss_type (`str`, *optional*, defaults to `"jsd"`):
+            Token-level divergence between teacher `p` and student `q`, one of `"forward_kl"`, `"reverse_kl"`,
+            `"jsd"` (TRL's generalized JSD, parameter `beta`), `"skew_kl"`, `"skew_rkl"`
+            ([DistiLLM](https://huggingface.co/papers/2402.03898), parameter `skew_alpha`), `"tvd"`, `"akl"`
+            ([AKL](https://huggingface.co/papers/2404.02657), parameter `akl_mu`). This replaces SFTConfig's
+            `loss_type` (`"nll"`/`"dft"`), which GKD never used.
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Mixing weight of the skew divergences: `skew_kl = KL(p || a*p + (1-a)*q)`.
+        akl_mu (`float`, *optional*, defaults to `0.5`):
+            Cumulative teacher mass that separates AKL's head from its tail.
+        loss_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature applied to teacher and student logits alike inside the divergence. TRL's `temperature`
+            (default 0.9) stays the *sampling* temperature for on-policy generation: TRL's GKD never scales the
+            divergence by it, so the default 1.0 reproduces TRL's GKD loss exactly.
+        teacher_top_k (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the teacher's k most likely tokens plus a "rest" bucket holding the remaining mass (on both
+            sides). `None` compares the full distributions.
+        loss_chunk_size (`int` or `None`, *optional*, defaults to `1024`):
+            Number of completion rows projected to vocabulary logits at a time. The chunked path never builds the
+            full `[B*T, V]` logits of either model. `None` or `0` uses the dense path (full logits from `model()`).
+        teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
+            `"4bit"` loads the teacher with bitsandbytes nf4 (fp32 compute on CPU, bf16 on CUDA).
+        teacher_adapter (`str` or `None`, *optional*, defaults to `None`):
+            Path or Hub id of a PEFT adapter to load on the teacher (kept frozen).
+    """
+
+    loss_type: str = field(
+        default="jsd",
+        metadata={"help": f"Token-level divergence, one of {', '.join(losses.LOSS_TYPES)}."},
+    )
+    skew_alpha: float = field(default=0.1, metadata={"help": "Mixing weight of skew_kl / skew_rkl."})
+    akl_mu: float = field(default=0.5, metadata={"help": "Teacher cumulative mass separating AKL head and tail."})
+    loss_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of teacher and student logits in the divergence (`temperature` samples)."},
+    )
+    teacher_top_k: int | None = field(
+        default=None, metadata={"help": "Compare only the teacher's top-k tokens plus a rest bucket."}
+    )
+    loss_chunk_size: int | None = field(
+        default=1024, metadata={"help": "Rows per chunk of the chunked loss; None or 0 for the dense loss."}
+    )
+    teacher_quantization: str | None = field(
+        default=None, metadata={"help": "'4bit' to load the teacher in bitsandbytes nf4, or None."}
+    )
+    teacher_adapter: str | None = field(
+        default=None, metadata={"help": "Path or id of a PEFT adapter loaded (frozen) on the teacher."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in losses.LOSS_TYPES:
+            raise ValueError(f"GKDVariantConfig.loss_type={self.loss_type!r} is not one of {losses.LOSS_TYPES}.")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(f"GKDVariantConfig.skew_alpha must be in [0, 1), got {self.skew_alpha}.")
+        if not 0.0 < self.akl_mu <= 1.0:
+            raise ValueError(f"GKDVariantConfig.akl_mu must be in (0, 1], got {self.akl_mu}.")
+        if self.loss_temperature <= 0:
+            raise ValueError(f"GKDVariantConfig.loss_temperature must be > 0, got {self.loss_temperature}.")
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ValueError(f"GKDVariantConfig.teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            raise ValueError(f"GKDVariantConfig.loss_chunk_size must be >= 0 or None, got {self.loss_chunk_size}.")
+        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
+            raise ValueError(
+                f"GKDVariantConfig.teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, "
+                f"got {self.teacher_quantization!r}."
+            )
+
+
+class GKDVariant(GKDTrainer):
+    """TRL's [`GKDTrainer`] with seven divergences, a top-k teacher, a chunked loss and a 4-bit teacher.
+
+    Args are those of `GKDTrainer`; `teacher_model` may be a model, a path or a Hub id. It is loaded through
+    [`trl_distill.teacher.load_teacher`] (4-bit and a frozen adapter on request, see [`GKDVariantConfig`]).
+
+    Logged metrics (train and eval): `divergence` (the loss without normalisation tricks), `teacher_agreement`
+    (fraction of completion tokens where teacher and student argmax agree) and `on_policy_fraction` (fraction of
+    batches whose completions the student generated).
+    """
+
+    _tag_names = ["trl", "trl-distill", "gkd", "gkd-variant"]
+    _name = "GKDVariant"
+
+    def __init__(self, model=None, teacher_model=None, args: GKDVariantConfig | None = None, **kwargs):
+        if args is None:
+            raise ValueError("GKDVariant needs `args=GKDVariantConfig(...)` (an output_dir at least).")
+        if not isinstance(args, GKDVariantConfig):
+            raise TypeError(f"GKDVariant expects a GKDVariantConfig, got {type(args).__name__}.")
+        if teacher_model is None:
+            raise ValueError("GKDVariant needs a `teacher_model` (a model, a local path or a Hub id).")
+        processing_class = kwargs.get("processing_class")
+        if processing_class is None:
+            raise ValueError("GKDVariant needs `processing_class` (the student's tokenizer).")
+
+        teacher_model = load_teacher(
+            teacher_model,
+            quantization=args.teacher_quantization,
+            adapter=args.teacher_adapter,
+            model_init_kwargs=args.teacher_model_init_kwargs,
+        )
+
+        # Mirrors GKDTrainer's own set-up: the collator needs the raw `messages` column.
+        args.remove_unused_columns = False
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+        # SFTTrainer validates `args.loss_type` against its own values ("nll"/"dft"); GKD never reaches the SFT
+        # loss, so let SFT's init see its default and restore the divergence name afterwards.
+        divergence_name = args.loss_type
+        args.loss_type = "nll"
+        try:
+            # GKDTrainer.__init__ would reject any difference in `config.vocab_size`, which also rejects real
+            # pairs whose heads are only padded differently (e.g. Qwen2.5-0.5B vs -7B). We check the vocabulary
+            # ourselves below, so run SFT's init and set up GKD's state here.
+            SFTTrainer.__init__(self, model, args=args, **kwargs)
+        finally:
+            args.loss_type = divergence_name
+
+        self.vocab_columns = check_vocab_compatible(
+            self.processing_class,
+            None,
+            student_model=self.model,
+            teacher_model=teacher_model,
+            student_name=model_name(self.model),
+            teacher_name=model_name(teacher_model),
+        )
+
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+
+        self.lmbda = args.lmbda
+        self.beta = args.beta
+        self.temperature = args.temperature
+        self.seq_kd = args.seq_kd
+        self.generation_kwargs = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 1.0,
+            "use_cache": not args.gradient_checkpointing,
+            "pad_token_id": self.processing_class.pad_token_id,
+        }
+        self.generation_config = GenerationConfig(**self.generation_kwargs)
+        eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos_token_id is not None:
+            self.generation_config.eos_token_id = eos_token_id
+        self._forward_redirection = _ForwardRedirection()
+
+    # ------------------------------------------------------------------ data
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """GKD's mixture: with probability `lmbda` the student writes the completions, else (with `seq_kd`) the
+        teacher does, else the dataset's completions are used. Records which one happened."""
+        on_policy = random.random() < self.lmbda
+        generator = None
+        if on_policy:
+            generator = model
+        elif self.seq_kd:
+            generator = self.teacher_model
+        if generator is not None:
+            with unwrap_model_for_generation(
+                generator,
+                self.accelerator,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped:
+                ids, attention_mask, labels = self.generate_on_policy_outputs(
+                    unwrapped, inputs, self.generation_config
+                )
+            inputs = {**inputs, "input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+        self._metrics["train"]["on_policy_fraction"].append(float(on_policy))
+        return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.loss_chunk_size:
+            # Run the backbones + chunked loss inside the wrapper's forward so DDP/FSDP see a forward pass.
+            unwrapped = self.accelerator.unwrap_model(model)
+            loss, stats = self._forward_redirection(
+                model, unwrapped, self._chunked_loss, unwrapped, inputs, num_items_in_batch
+            )
+            outputs = None
+        else:
+            loss, stats, outputs = self._dense_loss(model, inputs, num_items_in_batch)
+
+        mode = "train" if self.model.training else "eval"
+        divergence, agreement = self.accelerator.gather_for_metrics(
+            torch.stack([stats["divergence"], stats["agreement"]]).float().unsqueeze(0)
+        ).mean(0)
+        self._metrics[mode]["divergence"].append(divergence.item())
+        self._metrics[mode]["teacher_agreement"].append(agreement.item())
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        return {
+            "temperature": self.args.loss_temperature,
+            "teacher_top_k": self.args.teacher_top_k,
+            "beta": self.args.beta,
+            "alpha": self.args.skew_alpha,
+            "mu": self.args.akl_mu,
+        }
+
+    def _chunked_loss(self, student, inputs, num_items_in_batch):
+        # Position t predicts token t+1: drop the last hidden state, compare against labels[1:].
+        mask = inputs["labels"][:, 1:] != -100
+        student_hidden = backbone_hidden_states(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
+        with torch.no_grad():
+            teacher_hidden = backbone_hidden_states(
+                self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
+            )[:, :-1]
+        student_head, teacher_head = output_head(student), output_head(self.teacher_model)
+        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
+        teacher_hidden = teacher_hidden.to(student_hidden.device)
+        return losses.chunked_divergence(
+            self.args.loss_type,
+            student_hidden,
+            student_head.weight[:columns],
+            teacher_hidden,
+            teacher_head.weight[:columns].to(student_hidden.device),
+            student_bias=None if student_head.bias is None else student_head.bias[:columns],
+            teacher_bias=None if teacher_head.bias is None else teacher_head.bias[:columns],
+            mask=mask,
+            num_items=num_items_in_batch,
+            chunk_size=self.args.loss_chunk_size,
+            return_stats=True,
+            **self._loss_kwargs(),
+        )
+
+    def _dense_loss(self, model, inputs, num_items_in_batch):
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        outputs = model(**model_inputs, use_cache=False)
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(**model_inputs, use_cache=False).logits
+        columns = self.vocab_columns
+        student_logits = outputs.logits[:, :-1, :columns]
+        teacher_logits = teacher_logits[:, :-1, :columns].to(student_logits.device)
+        mask = inputs["labels"][:, 1:] != -100
+        loss = losses.divergence(
+            self.args.loss_type,
+            student_logits,
+            teacher_logits,
+            mask=mask,
+            num_items=num_items_in_batch,
+            **self._loss_kwargs(),
+        )
+        with torch.no_grad():
+            n = mask.sum().clamp(min=1)
+            agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)) & mask
+            divergence = loss.detach() if num_items_in_batch is None else loss.detach() * num_items_in_batch / n
+            stats = {"divergence": divergence, "agreement": agree.sum() / n}
+        return loss, stats, outputs
+
+
