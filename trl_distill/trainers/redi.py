@@ -1,0 +1,176 @@
+"""REDITrainer: reinforcement distillation from positive and negative teacher traces
+([REDI](https://huggingface.co/papers/2505.24850)).
+
+REDI's stage 2 is reference-free: for a pair of teacher traces, one correct (`chosen`) and one incorrect
+(`rejected`),
+
+    L = - l(y_w) / |y_w| + alpha * l(y_l) / |y_l|,
+
+with `l` the policy's sequence log-probability and `|y|` the number of completion tokens. The rejected term is
+down-weighted (`alpha` < 1) so the policy does not collapse by pushing every likelihood down; `alpha = 0` is
+length-normalized SFT on the positives. Stage 1 is plain SFT on the positive traces (TRL's `SFTTrainer`; see
+`examples/redi.py`).
+
+`DPOTrainer` -> `REDITrainer` (and `DPOConfig` -> `REDIConfig`) is the only change a TRL DPO script needs: data
+(`prompt`/`chosen`/`rejected`), tokenization and collator are TRL's. No reference model is loaded, kept or run.
+
+Authors' code: https://github.com/Tim-Siu/reinforcement-distillation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.trainer import dpo_trainer as _trl_dpo_trainer
+
+# DPO loss settings REDI's loss replaces, with their DPOConfig defaults: changing one is an error, not a no-op.
+UNUSED_DPO_FIELDS = {
+    "loss_type": ["sigmoid"],
+    "loss_weights": None,
+    "ld_alpha": None,
+    "f_divergence_type": "reverse_kl",
+    "label_smoothing": 0.0,
+    "use_weighting": False,
+    "sync_ref_model": False,
+    "precompute_ref_log_probs": False,
+}
+
+
+@dataclass
+class REDIConfig(DPOConfig):
+    r"""
+    Configuration for [`REDITrainer`] ([REDI](https://huggingface.co/papers/2505.24850)). Every field of TRL's
+    `DPOConfig` keeps its meaning, except those of the reference model and of the DPO loss (`beta`, `loss_type`,
+    `precompute_ref_log_probs`, `sync_ref_model`, ...), which a reference-free loss does not use.
+
+    The authors' stage-2 settings (the documented GPU recipe): AdamW, `learning_rate=1e-6`, `weight_decay=1e-4`,
+    `warmup_steps=0.1` (10% of the steps) then linear decay, batch size 32, one epoch, `alpha=0.8`.
+
+    Args:
+        alpha (`float`, *optional*, defaults to `0.8`):
+            Weight of the normalized log-likelihood of the rejected (negative) trace. `0.8` is the authors' recipe
+            (their code's default is `1.0`, which the paper reports as less stable); `0` is SFT on the positives.
+    """
+
+    alpha: float = field(
+        default=0.8, metadata={"help": "Weight of the rejected trace's normalized log-likelihood (0 = SFT on chosen)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha < 0:
+            raise ValueError(f"REDIConfig.alpha must be >= 0, got {self.alpha}.")
+        for name, default in UNUSED_DPO_FIELDS.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"REDIConfig.{name}={getattr(self, name)!r} is not used: REDI's loss is reference-free and "
+                    "replaces DPO's."
+                )
+
+
+def redi_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """REDI's per-pair loss `-l(y_w)/|y_w| + alpha * l(y_l)/|y_l|` (lengths clamped to at least 1).
+
+    Returns `(per_pair_loss, chosen_normalized_logps, rejected_normalized_logps)`.
+    """
+    chosen_normalized = chosen_logps / chosen_lengths.clamp(min=1)
+    rejected_normalized = rejected_logps / rejected_lengths.clamp(min=1)
+    return -chosen_normalized + alpha * rejected_normalized, chosen_normalized, rejected_normalized
+
+
+class REDITrainer(DPOTrainer):
+    """TRL's [`DPOTrainer`] with REDI's reference-free loss ([REDI](https://huggingface.co/papers/2505.24850)).
+
+    Args are those of `DPOTrainer` except `ref_model`, which REDI does not have (passing one is an error). Works with
+    full fine-tuning, LoRA/QLoRA (`peft_config`), gradient accumulation and TRL's `DataCollatorForPreference`.
+
+    Logged metrics (train and eval): `logps/chosen_normalized`, `logps/rejected_normalized` (per-token mean
+    log-probs), `logps/margin` (their difference), `logps/chosen`, `logps/rejected` (sums), `entropy`,
+    `mean_token_accuracy` (chosen tokens), `num_tokens`.
+    """
+
+    _tag_names = ["trl", "trl-distill", "redi"]
+    _name = "REDI"
+
+    def __init__(self, model, ref_model=None, args: REDIConfig | None = None, **kwargs):
+        if args is None:
+            raise ValueError("REDITrainer needs `args=REDIConfig(...)` (an output_dir at least).")
+        if not isinstance(args, REDIConfig):
+            raise TypeError(f"REDITrainer expects a REDIConfig, got {type(args).__name__}.")
+        if ref_model is not None:
+            raise ValueError("REDI is reference-free: do not pass `ref_model`.")
+        # DPOTrainer builds a reference copy of the policy unless it is PEFT or reference log-probs are precomputed.
+        # Take the precompute branch during __init__ so no copy is ever loaded; `_precompute_ref_logps` below is a
+        # no-op, and the hash TRL takes of the weights to cache precomputed log-probs is skipped (it would read every
+        # parameter once for nothing). The flag is restored right after, so evaluation is never treated as precomputed.
+        args.precompute_ref_log_probs = True
+        try:
+            with mock.patch.object(_trl_dpo_trainer, "hash_module", lambda module: None):
+                super().__init__(model, ref_model=None, args=args, **kwargs)
+        finally:
+            args.precompute_ref_log_probs = False
+        self.precompute_ref_logps = False
+        if self.ref_model is not None:
+            # Under FSDP, TRL loads the reference to precompute with it even on this branch: free it.
+            self.ref_model = None
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return dataset  # no reference, nothing to precompute
+
+    def compute_ref_log_probs(self, model, inputs):
+        raise RuntimeError("REDI is reference-free: no reference log-probs are computed.")
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[:, 1:]
+        seq_len = shift_mask.size(1)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+
+        # One forward over [chosen; rejected] (TRL's collator order); the fused head returns per-token log-probs only.
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        token_logps = outputs.log_probs[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+        logps = token_logps.sum(dim=1)
+        lengths = shift_mask.sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+        per_pair, chosen_normalized, rejected_normalized = redi_loss(
+            chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, self.args.alpha
+        )
+        loss = per_pair.mean()
+
+        with torch.no_grad():
+            gather_mean = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(-1)).mean().item()  # noqa: E731
+            gather_sum = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(1)).sum()  # noqa: E731
+            self._metrics[mode]["logps/chosen_normalized"].append(gather_mean(chosen_normalized))
+            self._metrics[mode]["logps/rejected_normalized"].append(gather_mean(rejected_normalized))
+            self._metrics[mode]["logps/margin"].append(gather_mean(chosen_normalized - rejected_normalized))
+            self._metrics[mode]["logps/chosen"].append(gather_mean(chosen_logps))
+            self._metrics[mode]["logps/rejected"].append(gather_mean(rejected_logps))
+            tokens = gather_sum(shift_mask.sum()).clamp(min=1)
+            self._metrics[mode]["entropy"].append(
+                (gather_sum((outputs.entropy[:, -seq_len:] * shift_mask).sum()) / tokens).item()
+            )
+            chosen_mask = shift_mask.chunk(2, dim=0)[0].bool()
+            chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0]
+            self._metrics[mode]["mean_token_accuracy"].append(
+                (gather_sum((chosen_top1 & chosen_mask).sum()) / gather_sum(chosen_mask.sum()).clamp(min=1)).item()
+            )
+            if mode == "train":
+                self._total_train_tokens += int(gather_sum(inputs["attention_mask"].sum()).item()) // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        if return_outputs:
+            with torch.no_grad():  # as TRL: the fused head builds no logits, so rebuild them for `compute_metrics`
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
