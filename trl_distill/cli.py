@@ -1,0 +1,246 @@
+"""`trl-distill` command line: one sub-command per trainer, parsed by TRL's `TrlParser`.
+
+    trl-distill gkd --config examples/gkd_addition.yaml
+    trl-distill addition-assets --output_dir outputs/addition     # tiny offline models + data for the recipes
+
+Every field of the trainer's config (and TRL's `ScriptArguments` / `ModelConfig`) is a flag and a YAML key;
+`trl-distill gkd --help` lists them with their help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The name under which recipes ask for the shipped task instead of a Hub dataset.
+ADDITION_DATASET = "addition"
+
+
+@dataclass
+class DistillScriptArguments:
+    """Script-level arguments shared by every sub-command (TRL's `ScriptArguments` plus the shipped task)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Hub id or path of the dataset, or '{ADDITION_DATASET}' for the shipped addition task."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
+    addition_num_train: int = field(default=4000, metadata={"help": "Training problems of the addition task."})
+    addition_num_eval: int = field(default=500, metadata={"help": "Evaluation problems of the addition task."})
+    addition_seed: int = field(default=0, metadata={"help": "Seed of the addition task's fixed splits."})
+    addition_listwise_k: int = field(
+        default=4, metadata={"help": "Completions per prompt of the addition task's listwise data (ADPO); 0 = pairs."}
+    )
+
+
+def load_datasets(script_args: DistillScriptArguments, format: str):
+    """Train and eval datasets: the shipped addition task (built offline) or `datasets.load_dataset`."""
+    if script_args.dataset_name == ADDITION_DATASET:
+        from . import addition
+
+        train, evaluation = addition.make_splits(
+            seed=script_args.addition_seed,
+            n_train=script_args.addition_num_train,
+            n_eval=script_args.addition_num_eval,
+        )
+        return addition.sft_dataset(train, format=format), addition.sft_dataset(evaluation, format=format)
+    if script_args.dataset_name is None:
+        raise ValueError(f"`dataset_name` is required: a Hub id, a path, or '{ADDITION_DATASET}'.")
+    from datasets import load_dataset
+
+    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
+
+
+def load_preference_datasets(script_args: DistillScriptArguments, listwise_k: int = 0):
+    """Train/eval preference data: the addition task's pairs (`listwise_k=0`) or K-completion lists, or a Hub dataset."""
+    if script_args.dataset_name != ADDITION_DATASET:
+        return load_datasets(script_args, format="messages")
+    from . import addition
+
+    train, evaluation = addition.make_splits(
+        seed=script_args.addition_seed, n_train=script_args.addition_num_train, n_eval=script_args.addition_num_eval
+    )
+    if listwise_k:
+        return tuple(addition.listwise_dataset(p, k=listwise_k, seed=script_args.addition_seed) for p in (train, evaluation))
+    return tuple(addition.preference_dataset(p, seed=script_args.addition_seed) for p in (train, evaluation))
+
+
+def _student_and_tokenizer(model_args, training_args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("`model_name_or_path` (the student) is required.")
+    init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        init_kwargs["quantization_config"] = quantization_config
+    init_kwargs = {k: v for k, v in init_kwargs.items() if v is not None}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **init_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _finish(trainer, training_args, script_args):
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+def run_gkd(script_args, training_args, model_args) -> None:
+    from trl import get_peft_config
+
+    from .trainers.gkd import GKDVariant
+
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("`teacher_model_name_or_path` is required for `trl-distill gkd`.")
+    model, tokenizer = _student_and_tokenizer(model_args, training_args)
+    train_dataset, eval_dataset = load_datasets(script_args, format="messages")
+    trainer = GKDVariant(
+        model=model,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    _finish(trainer, training_args, script_args)
+
+
+def _run_preference(trainer_class, script_args, training_args, model_args, listwise_k: int = 0, **trainer_kwargs):
+    from trl import get_peft_config
+
+    model, tokenizer = _student_and_tokenizer(model_args, training_args)
+    train_dataset, eval_dataset = load_preference_datasets(script_args, listwise_k=listwise_k)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
+    )
+    _finish(trainer, training_args, script_args)
+
+
+def run_distill_dpo(script_args, training_args, model_args) -> None:
+    from .trainers.distill_dpo import DistillDPOTrainer
+
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("`teacher_model_name_or_path` is required for `trl-distill distill-dpo`.")
+    _run_preference(
+        DistillDPOTrainer, script_args, training_args, model_args,
+        teacher_model=training_args.teacher_model_name_or_path,
+    )
+
+
+def run_adpo(script_args, training_args, model_args) -> None:
+    from .trainers.adpo import ADPOTrainer
+
+    # A teacher anchor comes from `teacher_model_name_or_path` in the config.
+    _run_preference(ADPOTrainer, script_args, training_args, model_args, listwise_k=script_args.addition_listwise_k)
+
+
+def run_redi(script_args, training_args, model_args) -> None:
+    from .trainers.redi import REDITrainer
+
+    _run_preference(REDITrainer, script_args, training_args, model_args)
+
+
+def _gkd_config():
+    from .trainers.gkd import GKDVariantConfig
+
+    return GKDVariantConfig
+
+
+def _distill_dpo_config():
+    from .trainers.distill_dpo import DistillDPOConfig
+
+    return DistillDPOConfig
+
+
+def _adpo_config():
+    from .trainers.adpo import ADPOConfig
+
+    return ADPOConfig
+
+
+def _redi_config():
+    from .trainers.redi import REDIConfig
+
+    return REDIConfig
+
+
+# sub-command -> (help, config class factory, runner)
+COMMANDS = {
+    "gkd": ("Generalized KD with more divergences, top-k and chunked loss (GKDVariant).", _gkd_config, run_gkd),
+    "distill-dpo": (
+        "DPO with a teacher reference, DCKD and ADPA preference distillation (DistillDPOTrainer).",
+        _distill_dpo_config,
+        run_distill_dpo,
+    ),
+    "adpo": ("Anchored listwise preference optimization (ADPOTrainer).", _adpo_config, run_adpo),
+    "redi": ("Reference-free reinforcement distillation, stage 2 (REDITrainer).", _redi_config, run_redi),
+}
+
+
+def addition_assets(argv: list[str]) -> None:
+    """Write a trained tiny teacher, an untrained tiny student and their tokenizer for the offline recipes."""
+    parser = argparse.ArgumentParser(prog="trl-distill addition-assets", description=addition_assets.__doc__)
+    parser.add_argument("--output_dir", default="outputs/addition", help="Where to write teacher/ and student/.")
+    parser.add_argument("--teacher_steps", type=int, default=1500, help="SFT steps of the tiny teacher.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .testing import pretrained_teacher, tiny_student
+
+    out = Path(args.output_dir)
+    teacher, tokenizer = pretrained_teacher(steps=args.teacher_steps, seed=args.seed)
+    for name, model in (("teacher", teacher), ("student", tiny_student(tokenizer, seed=args.seed))):
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+        print(f"wrote {out / name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = sorted([*COMMANDS, "addition-assets"])
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
+        print(__doc__)
+        print("sub-commands:")
+        for name in names:
+            print(f"  {name:16s} {COMMANDS[name][0] if name in COMMANDS else addition_assets.__doc__}")
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"trl-distill: unknown sub-command {argv[0]!r}; choose one of {names}.")
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "addition-assets":
+        addition_assets(rest)
+        return
+    from trl import ModelConfig, TrlParser
+
+    _, config_factory, runner = COMMANDS[command]
+    parser = TrlParser((DistillScriptArguments, config_factory(), ModelConfig), prog=f"trl-distill {command}")
+    script_args, training_args, model_args = parser.parse_args_and_config(args=rest)
+    runner(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    main()
