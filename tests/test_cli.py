@@ -24,6 +24,7 @@ def assets(tmp_path, tokenizer):
     "command, recipe, flags",
     [
         ("gkd", "gkd_addition.yaml", ["--loss_type", "tvd"]),
+        ("okd", "okd.yaml", ["--alpha", "0.2"]),
         ("distill-dpo", "distill_dpo.yaml", ["--mode", "dckd"]),
         ("adpo", "adpo.yaml", ["--anchor", "fixed"]),
         ("redi", "redi.yaml", ["--alpha", "0.5"]),

@@ -13,6 +13,7 @@ from . import losses  # noqa: E402
 from .trainers.adpo import ADPOConfig, ADPOTrainer  # noqa: E402
 from .trainers.distill_dpo import DistillDPOConfig, DistillDPOTrainer  # noqa: E402
 from .trainers.gkd import GKDVariant, GKDVariantConfig  # noqa: E402
+from .trainers.okd import OKDConfig, OKDTrainer  # noqa: E402
 from .trainers.redi import REDIConfig, REDITrainer  # noqa: E402
 
 __version__ = "0.1.0.dev0"
@@ -24,6 +25,8 @@ __all__ = [
     "DistillDPOTrainer",
     "GKDVariant",
     "GKDVariantConfig",
+    "OKDConfig",
+    "OKDTrainer",
     "REDIConfig",
     "REDITrainer",
     "losses",

@@ -141,6 +141,28 @@ def _run_preference(trainer_class, script_args, training_args, model_args, listw
     _finish(trainer, training_args, script_args)
 
 
+def run_okd(script_args, training_args, model_args) -> None:
+    from trl import get_peft_config
+
+    from .trainers.okd import OKDTrainer
+
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("`teacher_model_name_or_path` is required for `trl-distill okd`.")
+    model, tokenizer = _student_and_tokenizer(model_args, training_args)
+    # prompt-completion: OKD's losses cover the answer only, as SFT's completion-only loss does
+    train_dataset, eval_dataset = load_datasets(script_args, format="prompt_completion")
+    trainer = OKDTrainer(
+        model=model,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    _finish(trainer, training_args, script_args)
+
+
 def run_distill_dpo(script_args, training_args, model_args) -> None:
     from .trainers.distill_dpo import DistillDPOTrainer
 
@@ -171,6 +193,12 @@ def _gkd_config():
     return GKDVariantConfig
 
 
+def _okd_config():
+    from .trainers.okd import OKDConfig
+
+    return OKDConfig
+
+
 def _distill_dpo_config():
     from .trainers.distill_dpo import DistillDPOConfig
 
@@ -192,6 +220,11 @@ def _redi_config():
 # sub-command -> (help, config class factory, runner)
 COMMANDS = {
     "gkd": ("Generalized KD with more divergences, top-k and chunked loss (GKDVariant).", _gkd_config, run_gkd),
+    "okd": (
+        "Online KD: a LoRA online module on the (4-bit) teacher learns alongside the student (OKDTrainer).",
+        _okd_config,
+        run_okd,
+    ),
     "distill-dpo": (
         "DPO with a teacher reference, DCKD and ADPA preference distillation (DistillDPOTrainer).",
         _distill_dpo_config,
