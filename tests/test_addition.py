@@ -23,10 +23,22 @@ from trl_distill.addition import (
     preference_dataset,
     reward_exact_match,
     sft_dataset,
+    wrong_answers,
 )
 from trl_distill.testing import tiny_causal_lm, train_sft
 
 from .conftest import cpu_args
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models are dominated by per-op overhead: one intra-op thread costs little on an idle machine and is many
+    times faster when other processes compete for its two cores (spinning OpenMP workers). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 CONVERSATION = [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "64"}]
 
@@ -91,7 +103,8 @@ def test_chatml_collator_labels_exactly_the_completion(tokenizer, problems):
         # Left padding: the completion is the last n tokens and the only labelled ones.
         assert labels[-n:].tolist() == ids[-n:].tolist() == target
         assert (labels[:-n] == -100).all()
-        expected_prompt = tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+        prompt_messages = row["messages"][:1]
+        expected_prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
         assert tokenizer.decode(prompt[prompt != tokenizer.pad_token_id]) == expected_prompt
         assert tokenizer.decode(ids[ids != tokenizer.pad_token_id][:-n]) == expected_prompt
 
@@ -170,8 +183,10 @@ def test_sft_dataset_formats(problems):
         "answer": answer(a, b),
     }
     completion = sft_dataset(problems[:2], format="prompt_completion")[0]
-    assert completion["prompt"] == messages[0]["messages"][:1] and completion["completion"] == messages[0]["messages"][1:]
-    assert sft_dataset(problems[:2], format="language_modeling")[0]["text"] == f"<|user|>{a}+{b}=<|assistant|>{answer(a, b)}<|end|>"
+    assert completion["prompt"] == messages[0]["messages"][:1]
+    assert completion["completion"] == messages[0]["messages"][1:]
+    text = sft_dataset(problems[:2], format="language_modeling")[0]["text"]
+    assert text == f"<|user|>{a}+{b}=<|assistant|>{answer(a, b)}<|end|>"
     with pytest.raises(ValueError, match="format"):
         sft_dataset(problems, format="chat")
 
@@ -187,9 +202,9 @@ def test_preference_chosen_right_rejected_wrong_and_plausible():
     assert preference_dataset(problems, seed=0)["rejected"] == data["rejected"]
     assert preference_dataset(problems, seed=1)["rejected"] != data["rejected"]
     # Every kind of mistake shows up: forgotten carry, not reversed, dropped final carry, one digit off.
-    kinds = {kind for (a, b), r in zip(problems, rejected) for kind, c in addition.wrong_answers(a, b).items() if r in c}
+    kinds = {kind for (a, b), r in zip(problems, rejected) for kind, c in wrong_answers(a, b).items() if r in c}
     assert kinds == {"no_carry", "not_reversed", "dropped_carry", "digit_off"}
-    assert addition.wrong_answers(47, 85)["no_carry"] == ["22"] and addition.wrong_answers(47, 85)["not_reversed"] == ["132"]
+    assert wrong_answers(47, 85)["no_carry"] == ["22"] and wrong_answers(47, 85)["not_reversed"] == ["132"]
 
 
 @pytest.mark.parametrize("k, n_correct", [(4, 1), (6, 2)])
@@ -269,7 +284,8 @@ def test_exact_match_with_peft_model(memorizer):
 
 def test_exact_match_with_padded_head(tokenizer):
     model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0, padded_vocab=64)
-    with torch.no_grad():  # real rows score 0 and one of two opposite padding rows scores > 0: an id past the tokenizer
+    # Real rows score 0 and one of two opposite padding rows scores > 0: greedy picks an id past the tokenizer.
+    with torch.no_grad():
         head = model.lm_head.weight
         head.zero_()
         head[len(tokenizer)] = torch.randn(head.shape[1])

@@ -11,6 +11,16 @@ from trl_distill import addition, testing
 from trl_distill.testing import pretrained_teacher, tiny_causal_lm, tiny_student, tiny_teacher, train_sft
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models are dominated by per-op overhead: one intra-op thread costs little on an idle machine and is many
+    times faster when other processes compete for its two cores (spinning OpenMP workers). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -82,7 +92,10 @@ def test_train_sft_learns_and_is_deterministic(tokenizer, problems):
 @pytest.fixture
 def small_teacher(monkeypatch):
     """Cache tests are about files, not the recipe: swap in a one-layer teacher so each training step is cheap."""
-    monkeypatch.setattr(testing, "tiny_teacher", lambda tok, seed=0: tiny_causal_lm(tok, 16, 1, num_heads=2, seed=seed))
+    def small(tok, seed=0):
+        return tiny_causal_lm(tok, hidden_size=16, num_layers=1, num_heads=2, seed=seed)
+
+    monkeypatch.setattr(testing, "tiny_teacher", small)
 
 
 def test_pretrained_teacher_caches_atomically(tmp_path, monkeypatch, small_teacher):

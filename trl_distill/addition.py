@@ -1,16 +1,16 @@
 """The shipped task: two-digit addition with the answer's digits written in reverse (SPEC section 9).
 
 Reversed answers ("carry order": 47+85=132 is written ``231``) let a tiny left-to-right model emit each digit after
-the digits it depends on, so a 4-layer, 128-wide model learns the task in about two CPU minutes and the gap between
-students trained in different ways is measurable by exact match on greedy decoding.
+the digits it depends on, so a 4-layer, 128-wide model solves it after 1,500 steps of `trl_distill.testing.train_sft`
+(a few CPU minutes) and students trained in different ways can be compared by exact match on greedy decoding.
 
 Everything here is built offline: a character-level tokenizer with a chat template, fixed train/eval splits, and
 `datasets.Dataset` builders in TRL's formats (SFT, GKD, DPO, listwise preference), a checker in TRL's GRPO reward
 convention and a batched greedy evaluator.
 
 Padding: the tokenizer pads on the right, as training collators expect. Generation needs left padding, so that every
-prompt ends at the last column; `generate_completions` asks for it per call (``padding_side="left"``) and never mutates the
-tokenizer.
+prompt ends at the last column; `generate_completions` asks for it per call (``padding_side="left"``) and never
+mutates the tokenizer.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def listwise_dataset(problems: Sequence[tuple[int, int]], k: int = 4, seed: int 
 
 
 def parse_completion(text: str) -> str:
-    """The answer in a decoded completion: text before the first ``<|end|>``, other special tokens and spaces removed."""
+    """The answer in a decoded completion: the text before the first ``<|end|>``, without special tokens or spaces."""
     text = text.split(END, 1)[0]
     for token in SPECIAL_TOKENS:
         text = text.replace(token, "")
@@ -288,9 +288,8 @@ def generate_completions(
     try:
         for start in range(0, len(problems), batch_size):
             batch = problems[start : start + batch_size]
-            prompts = [
-                tokenizer.apply_chat_template(_user(a, b), tokenize=False, add_generation_prompt=True) for a, b in batch
-            ]
+            conversations = [_user(a, b) for a, b in batch]
+            prompts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
             inputs = tokenizer(
                 prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
             ).to(device)

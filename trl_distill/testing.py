@@ -63,12 +63,12 @@ def tiny_causal_lm(
 
 
 def tiny_teacher(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """The task's teacher size: 4 layers, 128 wide (about 0.8M parameters)."""
+    """The task's teacher size: 4 layers, 128 wide (about 1.05M parameters)."""
     return tiny_causal_lm(tokenizer, hidden_size=128, num_layers=4, num_heads=4, seed=seed)
 
 
 def tiny_student(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """The task's student size: 2 layers, 48 wide (about 60k parameters)."""
+    """The task's student size: 2 layers, 48 wide (about 76k parameters)."""
     return tiny_causal_lm(tokenizer, hidden_size=48, num_layers=2, num_heads=4, seed=seed)
 
 
@@ -146,13 +146,17 @@ def train_sft(
         losses.append(loss.item())
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             recent = losses[-log_every:]
-            print(f"train_sft step {step + 1}/{steps}: loss {sum(recent) / len(recent):.4f} ({time.time() - start:.0f} s)")
+            mean = sum(recent) / len(recent)
+            print(f"train_sft step {step + 1}/{steps}: loss {mean:.4f} ({time.time() - start:.0f} s)")
     model.train(was_training)
     return losses
 
 
 def teacher_cache_path(cache_dir: str | os.PathLike | None = None, steps: int = 1500, seed: int = 0) -> Path:
-    """Where `pretrained_teacher` keeps a teacher: ``<cache_dir or $TRL_DISTILL_CACHE or ~/.cache/trl_distill>/addition_teacher_s{seed}_{steps}``."""
+    """Where `pretrained_teacher` keeps a teacher: ``<root>/addition_teacher_s{seed}_{steps}``.
+
+    ``root`` is ``cache_dir``, else ``$TRL_DISTILL_CACHE``, else ``~/.cache/trl_distill``.
+    """
     root = cache_dir or os.environ.get("TRL_DISTILL_CACHE") or Path.home() / ".cache" / "trl_distill"
     return Path(root) / f"addition_teacher_s{seed}_{steps}"
 
@@ -170,7 +174,8 @@ def pretrained_teacher(
     tokenizer = addition.make_tokenizer()
     if (path / "config.json").exists():
         cached_tokenizer = AutoTokenizer.from_pretrained(path)
-        if cached_tokenizer.get_vocab() == tokenizer.get_vocab() and cached_tokenizer.chat_template == tokenizer.chat_template:
+        same_vocab = cached_tokenizer.get_vocab() == tokenizer.get_vocab()
+        if same_vocab and cached_tokenizer.chat_template == tokenizer.chat_template:
             return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), cached_tokenizer
         print(f"pretrained_teacher: {path} was made with another tokenizer; retraining")
         shutil.rmtree(path, ignore_errors=True)
