@@ -48,7 +48,7 @@ class GKDVariantConfig(GKDConfig):
         teacher_top_k (`int` or `None`, *optional*, defaults to `None`):
             Keep only the teacher's k most likely tokens plus a "rest" bucket holding the remaining mass (on both
             sides). `None` compares the full distributions.
-        loss_chunk_size (`int` or `None`, *optional*, defaults to `1024`):
+        loss_chunk_size (`int` or `None`, *optional*, defaults to `256`):
             Number of completion rows projected to vocabulary logits at a time. The chunked path never builds the
             full `[B*T, V]` logits of either model. `None` or `0` uses the dense path (full logits from `model()`).
         teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
@@ -71,7 +71,7 @@ class GKDVariantConfig(GKDConfig):
         default=None, metadata={"help": "Compare only the teacher's top-k tokens plus a rest bucket."}
     )
     loss_chunk_size: int | None = field(
-        default=1024, metadata={"help": "Rows per chunk of the chunked loss; None or 0 for the dense loss."}
+        default=256, metadata={"help": "Rows per chunk of the chunked loss; None or 0 for the dense loss."}
     )
     teacher_quantization: str | None = field(
         default=None, metadata={"help": "'4bit' to load the teacher in bitsandbytes nf4, or None."}

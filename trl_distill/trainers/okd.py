@@ -93,7 +93,7 @@ class OKDConfig(SFTConfig):
             never in the cross-entropy terms.
         student_ce_weight (`float`, *optional*, defaults to `0.0`):
             Weight of an extra cross-entropy term of the student on the labels. The paper has none.
-        loss_chunk_size (`int`, *optional*, defaults to `1024`):
+        loss_chunk_size (`int`, *optional*, defaults to `256`):
             Completion rows projected to vocabulary logits at a time. Neither model's full `[B*T, V]` logits are
             ever built.
     """
@@ -142,7 +142,7 @@ class OKDConfig(SFTConfig):
     student_ce_weight: float = field(
         default=0.0, metadata={"help": "Weight of an extra student cross-entropy term on the labels."}
     )
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Rows per chunk of the chunked losses."})
+    loss_chunk_size: int = field(default=256, metadata={"help": "Rows per chunk of the chunked losses."})
 
     def __post_init__(self):
         super().__post_init__()
