@@ -157,3 +157,28 @@ def test_invalid_config_names_the_field(tmp_path, field, value):
 def test_missing_teacher_is_a_clear_error(tmp_path, student, tokenizer, problems):
     with pytest.raises(ValueError, match="teacher_model"):
         _variant(tmp_path, student, None, tokenizer, problems)
+
+
+def test_qlora_student_keeps_gradients_through_on_policy_generation(tmp_path, student, teacher, tokenizer, problems):
+    """Generation runs the 4-bit student without grad; bitsandbytes' packed CPU path must not eat later gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_distill.teacher import bnb_4bit_config
+
+    student.save_pretrained(tmp_path / "student")
+    qlora_student = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "student", quantization_config=bnb_4bit_config("cpu"), device_map="cpu"
+    )
+    config = {**cpu_args(), "lmbda": 1.0, "max_new_tokens": 4}
+    trainer = GKDVariant(
+        model=qlora_student,
+        teacher_model=teacher,
+        args=GKDVariantConfig(output_dir=str(tmp_path / "qlora"), **config),
+        train_dataset=sft_dataset(problems, format="messages"),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    lora_a = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+    trainer.train()
+    unchanged = [n for n, p in trainer.model.named_parameters() if n in lora_a and torch.equal(lora_a[n], p)]
+    assert not unchanged, f"LoRA weights that never received a gradient: {unchanged}"

@@ -505,7 +505,7 @@ def check_vocab_compatible(
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _check_plain_logits(model: torch.nn.Module) -> None:
+def check_plain_logits(model: torch.nn.Module) -> None:
     config = model.config.get_text_config()
     for field in _LOGIT_TRANSFORMS:
         value = getattr(config, field, None)
@@ -545,7 +545,7 @@ def backbone_hidden_states(model: torch.nn.Module, input_ids: Tensor, attention_
     switches it off as usual. No KV cache is built.
     """
     lm = _causal_lm(model)
-    _check_plain_logits(lm)
+    check_plain_logits(lm)
     backbone = lm.base_model  # transformers: the module under `base_model_prefix` (e.g. LlamaModel)
     if backbone is lm:
         raise TypeError(f"{model_name(model)!r} has no separate backbone (base_model_prefix) to run.")

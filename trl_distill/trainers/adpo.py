@@ -40,7 +40,14 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
-from ..teacher import backbone_hidden_states, check_vocab_compatible, load_teacher, model_name, output_head
+from ..teacher import (
+    backbone_hidden_states,
+    check_vocab_compatible,
+    disable_cpu_4bit_packing,
+    load_teacher,
+    model_name,
+    output_head,
+)
 
 ANCHORS = ("fixed", "ema", "periodic", "teacher")
 SCALE_REWARDS = ("group", "none")
@@ -520,6 +527,7 @@ class ADPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
 
         self.teacher_vocab_columns = None
         if args.anchor == "teacher":

@@ -34,8 +34,9 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .. import losses
-from ..teacher import _check_plain_logits as check_plain_logits
 from ..teacher import (
+    check_plain_logits,
+    disable_cpu_4bit_packing,
     adapter_disabled,
     backbone_hidden_states,
     check_vocab_compatible,
@@ -321,6 +322,7 @@ class DistillDPOTrainer(DPOTrainer):
         # TRL patches `ref_model.forward` with its fused LM head and expects a transformers model there: hand it the
         # model under the PEFT wrapper, whose LoRA layers stay live, i.e. the aligned teacher (adapter on).
         super().__init__(model, ref_model=_transformers_model(teacher), args=args, **kwargs)
+        disable_cpu_4bit_packing(self.model)  # a QLoRA student on CPU would lose its gradients after no-grad passes
         self.teacher_model = teacher
         self.vocab_columns = self._check_vocabularies(self.processing_class, self.model, teacher)
         if any((args.sft_weight, args.chosen_kd_weight, args.rejected_kd_weight, args.adpa_weight)):

@@ -26,7 +26,14 @@ from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .. import losses
-from ..teacher import backbone_hidden_states, check_vocab_compatible, load_teacher, model_name, output_head
+from ..teacher import (
+    backbone_hidden_states,
+    check_vocab_compatible,
+    disable_cpu_4bit_packing,
+    load_teacher,
+    model_name,
+    output_head,
+)
 
 TEACHER_UPDATES = ("online", "frozen")
 TEACHER_QUANTIZATIONS = (None, "4bit")
@@ -289,6 +296,8 @@ class OKDTrainer(SFTTrainer):
             super().__init__(model, args=args, **kwargs)
         finally:
             args.loss_type = divergence_name
+        # bitsandbytes' packed CPU path (taken by no-grad passes such as generation) drops a QLoRA student's gradients
+        disable_cpu_4bit_packing(self.model)
 
         self.vocab_columns = check_vocab_compatible(
             self.processing_class,

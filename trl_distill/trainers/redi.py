@@ -26,6 +26,8 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_trainer
 
+from ..teacher import disable_cpu_4bit_packing
+
 # DPO loss settings REDI's loss replaces, with their DPOConfig defaults: changing one is an error, not a no-op.
 UNUSED_DPO_FIELDS = {
     "loss_type": ["sigmoid"],
@@ -118,6 +120,7 @@ class REDITrainer(DPOTrainer):
                 super().__init__(model, ref_model=None, args=args, **kwargs)
         finally:
             args.precompute_ref_log_probs = False
+        disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
         self.precompute_ref_logps = False
         if self.ref_model is not None:
             # Under FSDP, TRL loads the reference to precompute with it even on this branch: free it.
