@@ -30,16 +30,6 @@ from trl_distill.testing import tiny_causal_lm, train_sft
 from .conftest import cpu_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models are dominated by per-op overhead: one intra-op thread costs little on an idle machine and is many
-    times faster when other processes compete for its two cores (spinning OpenMP workers). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CONVERSATION = [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "64"}]
 
 

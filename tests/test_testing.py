@@ -11,16 +11,6 @@ from trl_distill import addition, testing
 from trl_distill.testing import pretrained_teacher, tiny_causal_lm, tiny_student, tiny_teacher, train_sft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models are dominated by per-op overhead: one intra-op thread costs little on an idle machine and is many
-    times faster when other processes compete for its two cores (spinning OpenMP workers). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -103,32 +103,18 @@ def _finish(trainer, training_args, script_args):
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
 
-def run_gkd(script_args, training_args, model_args) -> None:
-    from trl import get_peft_config
-
-    from .trainers.gkd import GKDVariant
-
+def _require_teacher(training_args, command: str) -> str:
     if training_args.teacher_model_name_or_path is None:
-        raise ValueError("`teacher_model_name_or_path` is required for `trl-distill gkd`.")
-    model, tokenizer = _student_and_tokenizer(model_args, training_args)
-    train_dataset, eval_dataset = load_datasets(script_args, format="messages")
-    trainer = GKDVariant(
-        model=model,
-        teacher_model=training_args.teacher_model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    _finish(trainer, training_args, script_args)
+        raise ValueError(f"`teacher_model_name_or_path` is required for `trl-distill {command}`.")
+    return training_args.teacher_model_name_or_path
 
 
-def _run_preference(trainer_class, script_args, training_args, model_args, listwise_k: int = 0, **trainer_kwargs):
+def _train(trainer_class, datasets, script_args, training_args, model_args, **trainer_kwargs) -> None:
+    """Load the student, build `trainer_class` on `datasets` (train, eval), train, save and optionally push."""
     from trl import get_peft_config
 
     model, tokenizer = _student_and_tokenizer(model_args, training_args)
-    train_dataset, eval_dataset = load_preference_datasets(script_args, listwise_k=listwise_k)
+    train_dataset, eval_dataset = datasets
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -141,50 +127,43 @@ def _run_preference(trainer_class, script_args, training_args, model_args, listw
     _finish(trainer, training_args, script_args)
 
 
-def run_okd(script_args, training_args, model_args) -> None:
-    from trl import get_peft_config
+def run_gkd(script_args, training_args, model_args) -> None:
+    from .trainers.gkd import GKDVariant
 
+    teacher = _require_teacher(training_args, "gkd")
+    datasets = load_datasets(script_args, format="messages")  # TRL's GKD collator reads the "messages" column
+    _train(GKDVariant, datasets, script_args, training_args, model_args, teacher_model=teacher)
+
+
+def run_okd(script_args, training_args, model_args) -> None:
     from .trainers.okd import OKDTrainer
 
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("`teacher_model_name_or_path` is required for `trl-distill okd`.")
-    model, tokenizer = _student_and_tokenizer(model_args, training_args)
+    teacher = _require_teacher(training_args, "okd")
     # prompt-completion: OKD's losses cover the answer only, as SFT's completion-only loss does
-    train_dataset, eval_dataset = load_datasets(script_args, format="prompt_completion")
-    trainer = OKDTrainer(
-        model=model,
-        teacher_model=training_args.teacher_model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    _finish(trainer, training_args, script_args)
+    datasets = load_datasets(script_args, format="prompt_completion")
+    _train(OKDTrainer, datasets, script_args, training_args, model_args, teacher_model=teacher)
 
 
 def run_distill_dpo(script_args, training_args, model_args) -> None:
     from .trainers.distill_dpo import DistillDPOTrainer
 
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("`teacher_model_name_or_path` is required for `trl-distill distill-dpo`.")
-    _run_preference(
-        DistillDPOTrainer, script_args, training_args, model_args,
-        teacher_model=training_args.teacher_model_name_or_path,
-    )
+    teacher = _require_teacher(training_args, "distill-dpo")
+    datasets = load_preference_datasets(script_args)
+    _train(DistillDPOTrainer, datasets, script_args, training_args, model_args, teacher_model=teacher)
 
 
 def run_adpo(script_args, training_args, model_args) -> None:
     from .trainers.adpo import ADPOTrainer
 
     # A teacher anchor comes from `teacher_model_name_or_path` in the config.
-    _run_preference(ADPOTrainer, script_args, training_args, model_args, listwise_k=script_args.addition_listwise_k)
+    datasets = load_preference_datasets(script_args, listwise_k=script_args.addition_listwise_k)
+    _train(ADPOTrainer, datasets, script_args, training_args, model_args)
 
 
 def run_redi(script_args, training_args, model_args) -> None:
     from .trainers.redi import REDITrainer
 
-    _run_preference(REDITrainer, script_args, training_args, model_args)
+    _train(REDITrainer, load_preference_datasets(script_args), script_args, training_args, model_args)
 
 
 def _gkd_config():

@@ -449,22 +449,29 @@ def _vocab_difference(student: dict[str, int], teacher: dict[str, int], limit: i
     return [f"{tok!r}: {student.get(tok, 'absent')} vs {teacher.get(tok, 'absent')}" for tok in differing[:limit]]
 
 
+def _role_name(role: str, model: torch.nn.Module | None) -> str:
+    return role if model is None else f"{role} ({model_name(model)})"
+
+
 def check_vocab_compatible(
     student_tokenizer: Any,
     teacher_tokenizer: Any = None,
     *,
     student_model: torch.nn.Module | None = None,
     teacher_model: torch.nn.Module | None = None,
-    student_name: str = "student",
-    teacher_name: str = "teacher",
+    student_name: str | None = None,
+    teacher_name: str | None = None,
 ) -> int:
     """Check that student and teacher share a vocabulary; return how many vocabulary columns losses compare.
 
     Tokenizers, when both are given, must map the same tokens to the same ids. Output heads may be padded past
     the tokenizer (real checkpoints pad to a multiple of 64 or 128) but each must cover it. Without any tokenizer
     the heads must have equal sizes. Returns ``min(student head rows, teacher head rows)`` (at least the
-    tokenizer's size), or the tokenizer's size when no model is given. Raises ValueError naming the models.
+    tokenizer's size), or the tokenizer's size when no model is given. Raises ValueError naming the models
+    (by default "student (<name_or_path>)" and "teacher (<name_or_path>)").
     """
+    student_name = student_name or _role_name("student", student_model)
+    teacher_name = teacher_name or _role_name("teacher", teacher_model)
     if student_tokenizer is not None and teacher_tokenizer is not None:
         student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
         if student_vocab != teacher_vocab:

@@ -45,7 +45,6 @@ from ..teacher import (
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
-    model_name,
     output_head,
 )
 
@@ -532,12 +531,7 @@ class ADPOTrainer(DPOTrainer):
         self.teacher_vocab_columns = None
         if args.anchor == "teacher":
             self.teacher_vocab_columns = check_vocab_compatible(
-                self._tokenizer,
-                None,
-                student_model=self.model,
-                teacher_model=self.ref_model,
-                student_name=model_name(self.model),
-                teacher_name=model_name(self.ref_model),
+                self._tokenizer, student_model=self.model, teacher_model=self.ref_model
             )
 
         if args.anchor in ("ema", "periodic"):

@@ -41,7 +41,6 @@ from ..teacher import (
     backbone_hidden_states,
     check_vocab_compatible,
     load_teacher,
-    model_name,
     output_head,
 )
 
@@ -342,12 +341,7 @@ class DistillDPOTrainer(DPOTrainer):
     @staticmethod
     def _check_vocabularies(processing_class, student, teacher) -> int:
         return check_vocab_compatible(
-            getattr(processing_class, "tokenizer", processing_class),
-            None,
-            student_model=student,
-            teacher_model=teacher,
-            student_name=model_name(student),
-            teacher_name=model_name(teacher),
+            getattr(processing_class, "tokenizer", processing_class), student_model=student, teacher_model=teacher
         )
 
     # ------------------------------------------------------------------ loss

@@ -20,12 +20,12 @@ from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .. import losses
+from ._sft import divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
-    model_name,
     output_head,
 )
 
@@ -146,27 +146,16 @@ class GKDVariant(GKDTrainer):
             kwargs["data_collator"] = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
-        # SFTTrainer validates `args.loss_type` against its own values ("nll"/"dft"); GKD never reaches the SFT
-        # loss, so let SFT's init see its default and restore the divergence name afterwards.
-        divergence_name = args.loss_type
-        args.loss_type = "nll"
-        try:
-            # GKDTrainer.__init__ would reject any difference in `config.vocab_size`, which also rejects real
-            # pairs whose heads are only padded differently (e.g. Qwen2.5-0.5B vs -7B). We check the vocabulary
-            # ourselves below, so run SFT's init and set up GKD's state here.
+        # GKDTrainer.__init__ would reject any difference in `config.vocab_size`, which also rejects real pairs
+        # whose heads are only padded differently (e.g. Qwen2.5-0.5B vs -7B). We check the vocabulary ourselves
+        # below, so run SFT's init and set up GKD's state here.
+        with divergence_loss_type(args):
             SFTTrainer.__init__(self, model, args=args, **kwargs)
-        finally:
-            args.loss_type = divergence_name
         # bitsandbytes' packed CPU path (taken by no-grad passes such as generation) drops a QLoRA student's gradients
         disable_cpu_4bit_packing(self.model)
 
         self.vocab_columns = check_vocab_compatible(
-            self.processing_class,
-            None,
-            student_model=self.model,
-            teacher_model=teacher_model,
-            student_name=model_name(self.model),
-            teacher_name=model_name(teacher_model),
+            self.processing_class, student_model=self.model, teacher_model=teacher_model
         )
 
         if args.disable_dropout:

@@ -26,12 +26,12 @@ from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .. import losses
+from ._sft import divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
-    model_name,
     output_head,
 )
 
@@ -288,24 +288,13 @@ class OKDTrainer(SFTTrainer):
             model_init_kwargs=args.teacher_model_init_kwargs,
         )
 
-        # SFTTrainer validates `args.loss_type` against its own values ("nll"/"dft"), which OKD never reaches: let
-        # its init see the default and restore the divergence name afterwards.
-        divergence_name = args.loss_type
-        args.loss_type = "nll"
-        try:
+        with divergence_loss_type(args):
             super().__init__(model, args=args, **kwargs)
-        finally:
-            args.loss_type = divergence_name
         # bitsandbytes' packed CPU path (taken by no-grad passes such as generation) drops a QLoRA student's gradients
         disable_cpu_4bit_packing(self.model)
 
         self.vocab_columns = check_vocab_compatible(
-            self.processing_class,
-            None,
-            student_model=self.model,
-            teacher_model=teacher_model,
-            student_name=model_name(self.model),
-            teacher_name=model_name(teacher_model),
+            self.processing_class, student_model=self.model, teacher_model=teacher_model
         )
         if self.online and args.gradient_checkpointing:
             # The teacher now keeps activations for its adapter's backward: checkpoint them like the student's.
