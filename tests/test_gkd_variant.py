@@ -182,3 +182,22 @@ def test_qlora_student_keeps_gradients_through_on_policy_generation(tmp_path, st
     trainer.train()
     unchanged = [n for n, p in trainer.model.named_parameters() if n in lora_a and torch.equal(lora_a[n], p)]
     assert not unchanged, f"LoRA weights that never received a gradient: {unchanged}"
+
+
+@pytest.mark.parametrize("chunk_size", [256, None])
+def test_evaluation_logs_eval_loss_and_metrics(tmp_path, student, teacher, tokenizer, problems, chunk_size):
+    trainer = GKDVariant(
+        model=student,
+        teacher_model=teacher,
+        args=GKDVariantConfig(
+            output_dir=str(tmp_path / "eval"), lmbda=0.0, loss_chunk_size=chunk_size,
+            **cpu_args(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8),
+        ),
+        train_dataset=sft_dataset(problems, format="messages"),
+        eval_dataset=sft_dataset(problems[:16], format="messages"),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert 0.0 <= metrics["eval_teacher_agreement"] <= 1.0
