@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -444,6 +445,18 @@ class ADPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "trl-distill", "adpo"]
     _name = "ADPO"
+    _paper = {
+        "title": "ADPO: Anchored Direct Preference Optimization",
+        "id": "2510.18913",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{wang2025adpo,
+                title        = {{ADPO: Anchored Direct Preference Optimization}},
+                author       = {Zixian Wang},
+                year         = 2025,
+                journal      = {arXiv preprint arXiv:2510.18913},
+            }"""),
+    }
 
     def __init__(
         self,

@@ -236,7 +236,7 @@ class OKDTrainer(SFTTrainer):
     _tag_names = ["trl", "trl-distill", "okd"]
     _name = "OKD"
     _paper = {
-        "title": "Online Knowledge Distillation (OKD)",
+        "title": "Online Knowledge Distillation",
         "id": "2409.12512",
         # docstyle-ignore
         "citation": textwrap.dedent("""\

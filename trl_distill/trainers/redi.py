@@ -19,6 +19,7 @@ Authors' code: https://github.com/Tim-Siu/reinforcement-distillation.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -102,6 +103,18 @@ class REDITrainer(DPOTrainer):
 
     _tag_names = ["trl", "trl-distill", "redi"]
     _name = "REDI"
+    _paper = {
+        "title": "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data for LLM Reasoning",
+        "id": "2505.24850",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{xu2025redi,
+                title        = {{Harnessing Negative Signals: Reinforcement Distillation from Teacher Data for LLM Reasoning}},
+                author       = {Shuyao Xu and Cheng Peng and Jiangxuan Long and Weidi Xu and Wei Chu and Yuan Qi},
+                year         = 2025,
+                journal      = {arXiv preprint arXiv:2505.24850},
+            }"""),
+    }
 
     def __init__(self, model, ref_model=None, args: REDIConfig | None = None, **kwargs):
         if args is None:
