@@ -16,7 +16,6 @@ from trl_distill.testing import tiny_causal_lm
 from trl_distill.trainers.adpo import (
     ADPOConfig,
     ADPOTrainer,
-    DataCollatorForListwisePreference,
     group_by_prompt,
     listwise_loss,
     listwise_target,

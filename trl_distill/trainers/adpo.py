@@ -48,6 +48,7 @@ from ..teacher import (
     load_teacher,
     output_head,
 )
+from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 ANCHORS = ("fixed", "ema", "periodic", "teacher")
 SCALE_REWARDS = ("group", "none")
@@ -491,6 +492,19 @@ class ADPOTrainer(DPOTrainer):
                 f"ADPOConfig.reward_weights has {len(args.reward_weights)} weights for {len(self.reward_funcs)} reward functions."
             )
         self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+        # Pairs (DPO's columns), listwise rows with their rewards, listwise rows scored by `reward_funcs`, or
+        # already tokenized listwise rows.
+        listwise = [("prompt", "completions", "rewards"), ("prompt_ids", "completion_ids")]
+        if self.reward_funcs:
+            listwise = [("prompt", "completions"), *listwise]
+        validate_datasets(
+            "ADPOTrainer",
+            processing_class,
+            train_dataset,
+            eval_dataset,
+            formats=(*PREFERENCE_FORMATS, *listwise),
+            hint="Listwise rows without a `rewards` column need `reward_funcs` to score their `completions`.",
+        )
 
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path

@@ -43,6 +43,7 @@ from ..teacher import (
     load_teacher,
     output_head,
 )
+from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 MODES = ("teacher_ref", "dckd", "adpa")
 ADPA_RESPONSES = ("student", "rejected")
@@ -302,6 +303,13 @@ class DistillDPOTrainer(DPOTrainer):
                 "DistillDPOTrainer needs a `teacher_model` (a model, a local path or a Hub id) or "
                 "`DistillDPOConfig.teacher_model_name_or_path`."
             )
+        validate_datasets(
+            "DistillDPOTrainer",
+            kwargs.get("processing_class"),
+            kwargs.get("train_dataset"),
+            kwargs.get("eval_dataset"),
+            formats=PREFERENCE_FORMATS,
+        )
         teacher = load_teacher(
             teacher_model,
             quantization=args.teacher_quantization,

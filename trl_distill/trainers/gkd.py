@@ -28,6 +28,7 @@ from ..teacher import (
     load_teacher,
     output_head,
 )
+from ..validation import validate_datasets
 
 TEACHER_QUANTIZATIONS = (None, "4bit")
 
@@ -88,6 +89,9 @@ class GKDVariantConfig(GKDConfig):
     )
 
     def __post_init__(self):
+        # Before GKDConfig's own check, whose message does not say which config the field belongs to.
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"GKDVariantConfig.beta must be in [0, 1], got {self.beta}.")
         super().__post_init__()
         if self.loss_type not in losses.LOSS_TYPES:
             raise ValueError(f"GKDVariantConfig.loss_type={self.loss_type!r} is not one of {losses.LOSS_TYPES}.")
@@ -133,6 +137,15 @@ class GKDVariant(GKDTrainer):
         if processing_class is None:
             raise ValueError("GKDVariant needs `processing_class` (the student's tokenizer).")
 
+        # GKD's default collator (DataCollatorForChatML) reads the raw `messages` column of every row.
+        validate_datasets(
+            "GKDVariant",
+            processing_class,
+            kwargs.get("train_dataset"),
+            kwargs.get("eval_dataset"),
+            formats=(("messages",),) if kwargs.get("data_collator") is None else None,
+            hint="GKD trains on conversations: a `messages` list of role/content dicts ending with the completion.",
+        )
         teacher_model = load_teacher(
             teacher_model,
             quantization=args.teacher_quantization,

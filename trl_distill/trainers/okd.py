@@ -34,6 +34,7 @@ from ..teacher import (
     load_teacher,
     output_head,
 )
+from ..validation import SFT_FORMATS, validate_datasets
 
 TEACHER_UPDATES = ("online", "frozen")
 TEACHER_QUANTIZATIONS = (None, "4bit")
@@ -268,6 +269,14 @@ class OKDTrainer(SFTTrainer):
         if teacher_peft_config is not None and args.teacher_update == "frozen":
             raise ValueError("`teacher_peft_config` configures the online module; OKDConfig.teacher_update='frozen'.")
 
+        validate_datasets(
+            "OKDTrainer",
+            kwargs.get("processing_class"),
+            kwargs.get("train_dataset"),
+            kwargs.get("eval_dataset"),
+            formats=self._dataset_formats(args, kwargs),
+        )
+
         self.online = args.teacher_update == "online"
         if self.online:
             # A given adapter is trained further (a saved one, or the adapter of a PeftModel teacher); otherwise a
@@ -311,6 +320,15 @@ class OKDTrainer(SFTTrainer):
         if self.online:
             self.add_callback(_TeacherOptimizerStep(self))
         self._forward_redirection = _ForwardRedirection()
+
+    @staticmethod
+    def _dataset_formats(args: OKDConfig, kwargs: dict) -> tuple[tuple[str, ...], ...] | None:
+        """SFTTrainer's accepted columns; None (no column check) when a formatting function or skipped preparation
+        leaves the columns to the caller."""
+        if kwargs.get("formatting_func") is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            return None
+        text = args.dataset_text_field or "text"
+        return tuple(columns if columns != ("text",) else (text,) for columns in SFT_FORMATS)
 
     @staticmethod
     def _online_module_config(args: OKDConfig):

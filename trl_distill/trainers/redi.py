@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_trainer
 
 from ..teacher import disable_cpu_4bit_packing
+from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 # DPO loss settings REDI's loss replaces, with their DPOConfig defaults: changing one is an error, not a no-op.
 UNUSED_DPO_FIELDS = {
@@ -123,6 +124,13 @@ class REDITrainer(DPOTrainer):
             raise TypeError(f"REDITrainer expects a REDIConfig, got {type(args).__name__}.")
         if ref_model is not None:
             raise ValueError("REDI is reference-free: do not pass `ref_model`.")
+        validate_datasets(
+            "REDITrainer",
+            kwargs.get("processing_class"),
+            kwargs.get("train_dataset"),
+            kwargs.get("eval_dataset"),
+            formats=PREFERENCE_FORMATS,
+        )
         # DPOTrainer builds a reference copy of the policy unless it is PEFT or reference log-probs are precomputed.
         # Take the precompute branch during __init__ so no copy is ever loaded; `_precompute_ref_logps` below is a
         # no-op, and the hash TRL takes of the weights to cache precomputed log-probs is skipped (it would read every
