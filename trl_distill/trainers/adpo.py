@@ -41,6 +41,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
+from ._dpo import completion_token_logps
 from ..teacher import (
     backbone_hidden_states,
     check_vocab_compatible,
@@ -664,15 +665,8 @@ class ADPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        completion_mask = inputs["completion_mask"]
-        shift_mask = completion_mask[:, 1:]
+        outputs, token_logps, shift_mask, model_kwargs, labels = completion_token_logps(model, inputs)
         seq_len = shift_mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-        token_logps = outputs.log_probs[:, -seq_len:]
         anchor_token_logps = self._anchor_token_logps(model_kwargs, labels, seq_len)
 
         lengths = shift_mask.sum(dim=1).clamp(min=1)

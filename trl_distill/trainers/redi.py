@@ -27,6 +27,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_trainer
 
+from ._dpo import completion_token_logps
 from ..teacher import disable_cpu_4bit_packing
 from ..validation import PREFERENCE_FORMATS, validate_datasets
 
@@ -155,15 +156,9 @@ class REDITrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        completion_mask = inputs["completion_mask"]
-        shift_mask = completion_mask[:, 1:]
-        seq_len = shift_mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-
         # One forward over [chosen; rejected] (TRL's collator order); the fused head returns per-token log-probs only.
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        token_logps = outputs.log_probs[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+        outputs, token_logps, shift_mask, model_kwargs, _ = completion_token_logps(model, inputs)
+        seq_len = shift_mask.size(1)
         logps = token_logps.sum(dim=1)
         lengths = shift_mask.sum(dim=1)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
