@@ -46,6 +46,8 @@ import subprocess
 import sys
 import time
 
+from _rss import reset_peak_rss, rss_bytes  # benchmarks/ is on sys.path when a script here runs
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,19 +86,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------
 # Worker: one trainer, one lmbda, in a fresh process
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # Linux: reset VmHWM to the current RSS
 
 
 def make_word_tokenizer(vocab_size: int):
@@ -163,8 +152,8 @@ def run_worker(args, trainer_kind: str, lmbda: float, completion_len: int) -> di
     longest = args.prompt_len + max(completion_len, args.max_new_tokens) + 8
 
     # Baseline: after imports and data, before the models exist (everything from here on is training's memory).
-    _reset_peak()
-    baseline = _rss_bytes("VmRSS")
+    reset_peak_rss()
+    baseline = rss_bytes("VmRSS")
 
     def model(spec: str, seed: int):
         layers, hidden = (int(x) for x in spec.split("x"))
@@ -193,15 +182,15 @@ def run_worker(args, trainer_kind: str, lmbda: float, completion_len: int) -> di
     class Clock(TrainerCallback):
         def on_step_begin(self, _args, state, control, **kwargs):
             if state.global_step == args.warmup_steps:
-                marks["warmup_peak"] = _rss_bytes("VmHWM")
-                marks["timed_rss"] = _rss_bytes("VmRSS")
-                _reset_peak()
+                marks["warmup_peak"] = rss_bytes("VmHWM")
+                marks["timed_rss"] = rss_bytes("VmRSS")
+                reset_peak_rss()
                 marks["start"] = time.perf_counter()
 
         def on_step_end(self, _args, state, control, **kwargs):
             if state.global_step == steps:
                 marks["end"] = time.perf_counter()
-                marks["timed_peak"] = _rss_bytes("VmHWM")
+                marks["timed_peak"] = rss_bytes("VmHWM")
 
     if trainer_kind == "trl":
         trainer = counting(GKDTrainer)(

@@ -42,6 +42,7 @@ import tempfile
 import time
 
 import torch
+from _rss import reset_peak_rss, rss_bytes  # benchmarks/ is on sys.path when a script here runs
 
 
 MEMORY_TARGET = 1 / 8  # ours / TRL peak extra memory
@@ -70,14 +71,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 class PeakMemory:
     """Peak extra memory of a block over the memory in use at its start (CPU: RSS high-water mark; CUDA: allocator)."""
 
@@ -90,9 +83,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
         else:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # reset VmHWM to the current RSS
-            self.baseline = _rss_bytes("VmRSS")
+            reset_peak_rss()
+            self.baseline = rss_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -100,7 +92,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.baseline
         else:
-            self.peak = _rss_bytes("VmHWM") - self.baseline
+            self.peak = rss_bytes("VmHWM") - self.baseline
 
 
 def make_inputs(args, rows: int, device: torch.device, dtype: torch.dtype):
