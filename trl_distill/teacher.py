@@ -89,6 +89,15 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+QUANTIZATIONS = (None, "4bit")
+
+
+def check_quantization(value: Any, field_name: str) -> None:
+    """Raise ValueError naming `field_name` unless `value` is a quantization `load_teacher` accepts."""
+    if value not in QUANTIZATIONS:
+        raise ValueError(f"{field_name} must be one of {QUANTIZATIONS}, got {value!r}.")
+
+
 def bnb_4bit_config(device: DeviceLike = None) -> BitsAndBytesConfig:
     """QLoRA's quantization for `device`: nf4 with double quantization, compute dtype fp32 on CPU, bf16 on CUDA
     (fp16 where the GPU lacks bf16)."""
@@ -393,8 +402,7 @@ def load_teacher(
     no gradient checkpointing is switched on (so no input-embedding grads are needed: the adapter's own parameters
     start the graph) and nothing is upcast to fp32 (PEFT already keeps adapter weights in fp32).
     """
-    if quantization not in (None, "4bit"):
-        raise ValueError(f"{name}: quantization must be None or '4bit', got {quantization!r}.")
+    check_quantization(quantization, f"{name}: quantization")
     if trainable_adapter and adapter is None and not _is_peft(model):
         raise ValueError(f"{name}: trainable_adapter=True needs an adapter (a path or a peft.PeftConfig).")
     if quantization == "4bit" and not (isinstance(model, torch.nn.Module) and _is_4bit(model)):

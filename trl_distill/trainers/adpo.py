@@ -44,6 +44,7 @@ from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 from ._dpo import completion_token_logps
 from ..teacher import (
     backbone_hidden_states,
+    check_quantization,
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
@@ -53,7 +54,6 @@ from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 ANCHORS = ("fixed", "ema", "periodic", "teacher")
 SCALE_REWARDS = ("group", "none")
-TEACHER_QUANTIZATIONS = (None, "4bit")
 # Added to the group standard deviation before dividing, as TRL's GRPO does, so a group whose rewards barely differ
 # does not blow up into a one-hot target.
 REWARD_STD_EPS = 1e-4
@@ -170,10 +170,7 @@ class ADPOConfig(DPOConfig):
             raise ValueError(f"ADPOConfig.anchor_chunk_size must be >= 1, got {self.anchor_chunk_size}.")
         if self.anchor_kl_coef < 0:
             raise ValueError(f"ADPOConfig.anchor_kl_coef must be >= 0, got {self.anchor_kl_coef}.")
-        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
-            raise ValueError(
-                f"ADPOConfig.teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, got {self.teacher_quantization!r}."
-            )
+        check_quantization(self.teacher_quantization, "ADPOConfig.teacher_quantization")
         if self.anchor != "teacher" and (
             self.teacher_quantization or self.teacher_adapter or self.teacher_model_name_or_path
         ):

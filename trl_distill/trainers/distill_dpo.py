@@ -36,6 +36,7 @@ from trl.trainer.utils import pad
 from .. import losses
 from ..teacher import (
     check_plain_logits,
+    check_quantization,
     disable_cpu_4bit_packing,
     adapter_disabled,
     backbone_hidden_states,
@@ -47,7 +48,6 @@ from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 MODES = ("teacher_ref", "dckd", "adpa")
 ADPA_RESPONSES = ("student", "rejected")
-TEACHER_QUANTIZATIONS = (None, "4bit")
 
 # Weights left at `None` take their mode's default: the authors' recipes (SPEC section 5).
 MODE_DEFAULT_WEIGHTS = {
@@ -180,11 +180,7 @@ class DistillDPOConfig(DPOConfig):
                     f"DistillDPOConfig.advantage_clamp must be [lo, hi] with lo < hi, got {self.advantage_clamp}."
                 )
             self.advantage_clamp = [float(bound) for bound in self.advantage_clamp]
-        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
-            raise ValueError(
-                f"DistillDPOConfig.teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, "
-                f"got {self.teacher_quantization!r}."
-            )
+        check_quantization(self.teacher_quantization, "DistillDPOConfig.teacher_quantization")
         if isinstance(self.teacher_model_init_kwargs, str):  # the CLI passes dicts as JSON strings
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
         if self.sync_ref_model:

@@ -23,6 +23,7 @@ from .. import losses
 from ._sft import divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
+    check_quantization,
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
@@ -30,7 +31,6 @@ from ..teacher import (
 )
 from ..validation import validate_datasets
 
-TEACHER_QUANTIZATIONS = (None, "4bit")
 
 
 @dataclass
@@ -105,11 +105,7 @@ class GKDVariantConfig(GKDConfig):
             raise ValueError(f"GKDVariantConfig.teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ValueError(f"GKDVariantConfig.loss_chunk_size must be >= 0 or None, got {self.loss_chunk_size}.")
-        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
-            raise ValueError(
-                f"GKDVariantConfig.teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, "
-                f"got {self.teacher_quantization!r}."
-            )
+        check_quantization(self.teacher_quantization, "GKDVariantConfig.teacher_quantization")
 
 
 class GKDVariant(GKDTrainer):

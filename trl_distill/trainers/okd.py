@@ -29,6 +29,7 @@ from .. import losses
 from ._sft import divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
+    check_quantization,
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
@@ -37,7 +38,6 @@ from ..teacher import (
 from ..validation import SFT_FORMATS, validate_datasets
 
 TEACHER_UPDATES = ("online", "frozen")
-TEACHER_QUANTIZATIONS = (None, "4bit")
 
 # Files written next to the student in every checkpoint (and, for the adapter, by `save_model`).
 TEACHER_ADAPTER_DIR = "teacher_adapter"
@@ -156,11 +156,7 @@ class OKDConfig(SFTConfig):
         super().__post_init__()
         if self.teacher_update not in TEACHER_UPDATES:
             raise ValueError(f"OKDConfig.teacher_update must be one of {TEACHER_UPDATES}, got {self.teacher_update!r}.")
-        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
-            raise ValueError(
-                f"OKDConfig.teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, "
-                f"got {self.teacher_quantization!r}."
-            )
+        check_quantization(self.teacher_quantization, "OKDConfig.teacher_quantization")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"OKDConfig.alpha must be in [0, 1], got {self.alpha}.")
         if self.loss_type not in losses.LOSS_TYPES:
