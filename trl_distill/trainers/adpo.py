@@ -41,6 +41,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
+from ._common import DistillArguments, DistillTrainerMixin
 from ._dpo import completion_token_logps
 from ..teacher import (
     backbone_hidden_states,
@@ -63,11 +64,13 @@ ANCHOR_ADAPTER = "ref"
 
 
 @dataclass
-class ADPOConfig(DPOConfig):
+class ADPOConfig(DistillArguments, DPOConfig):
     r"""
     Configuration for [`ADPOTrainer`] ([ADPO](https://huggingface.co/papers/2510.18913)). Every field of TRL's
     `DPOConfig` keeps its meaning, except the DPO loss settings (`beta`, `loss_type`, ...), which ADPO does not use:
     its temperature is `tau`, and `tau = 1 / beta` reproduces sigmoid DPO on pairs.
+
+    `overwrite_output_dir` and `on_nonfinite` are shared by every trl-distill config (see [`DistillArguments`]).
 
     Args:
         tau (`float`, *optional*, defaults to `1.0`):
@@ -420,7 +423,7 @@ class _AnchorUpdateCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-class ADPOTrainer(DPOTrainer):
+class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
     """TRL's [`DPOTrainer`] with ADPO's anchored listwise loss ([ADPO](https://huggingface.co/papers/2510.18913)).
 
     Args are those of `DPOTrainer`, plus:
@@ -683,6 +686,8 @@ class ADPOTrainer(DPOTrainer):
         token_count = shift_mask.sum().clamp(min=1)
         anchor_kl = ((torch.exp(diff) - diff - 1) * shift_mask).sum() / token_count
         loss = listwise + self.args.anchor_kl_coef * anchor_kl if self.args.anchor_kl_coef else listwise
+        self._watch_terms({"policy log-probs": logps, "anchor log-probs": anchor_logps, "listwise loss": listwise,
+                           "anchor_kl": anchor_kl})
 
         with torch.no_grad():
             best = (target == target.max(dim=1, keepdim=True).values) & valid
@@ -707,7 +712,11 @@ class ADPOTrainer(DPOTrainer):
         if return_outputs:
             with torch.no_grad():  # as TRL: the fused head builds no logits, so rebuild them for `compute_metrics`
                 outputs = model(**model_kwargs)
+        loss = self._check_finite(loss, model, name="ADPO loss")
         return (loss, outputs) if return_outputs else loss
+
+    def _card_teacher(self):
+        return self.ref_model if self.args.anchor == "teacher" else None
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """A metric's values from every process, flat and in float32."""

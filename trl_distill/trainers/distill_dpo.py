@@ -34,6 +34,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .. import losses
+from ._common import DistillArguments, DistillTrainerMixin
 from ..teacher import (
     check_plain_logits,
     check_quantization,
@@ -61,10 +62,11 @@ MODE_DEFAULT_WEIGHTS = {
 
 
 @dataclass
-class DistillDPOConfig(DPOConfig):
+class DistillDPOConfig(DistillArguments, DPOConfig):
     r"""
     Configuration for [`DistillDPOTrainer`]. Every field of TRL's `DPOConfig` keeps its meaning (`beta`, `loss_type`,
-    `precompute_ref_log_probs`, ...); the fields below are added. Weights left at `None` take the default of `mode`.
+    `precompute_ref_log_probs`, ...); the fields below are added, with `overwrite_output_dir` and `on_nonfinite` shared
+    by every trl-distill config (see [`DistillArguments`]). Weights left at `None` take the default of `mode`.
 
     Args:
         mode (`str`, *optional*, defaults to `"teacher_ref"`):
@@ -254,7 +256,7 @@ def _logits_at(model, hidden: torch.Tensor, positions: torch.Tensor, columns: in
     return logits if columns is None else logits[:, :columns]
 
 
-class DistillDPOTrainer(DPOTrainer):
+class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
     """TRL's [`DPOTrainer`] with a teacher: the teacher is the DPO reference, and DCKD / ADPA terms distill it.
 
     Args are those of `DPOTrainer` except `ref_model`, replaced by `teacher_model`: a model, a local path or a Hub id
@@ -270,6 +272,7 @@ class DistillDPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "trl-distill", "dpo", "distill-dpo"]
     _name = "DistillDPO"
+    _card_trl_fields = ("beta", "loss_type", "precompute_ref_log_probs")
     _paper = {
         "title": "Advantage-Guided Distillation for Preference Alignment in Small Language Models",
         "id": "2502.17927",
@@ -352,7 +355,10 @@ class DistillDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._adds_distillation_terms:
             # teacher_ref with no extra term: exactly TRL's DPO loss, the teacher being `ref_model`.
-            return super()._compute_loss(model, inputs, return_outputs)
+            result = super()._compute_loss(model, inputs, return_outputs)
+            loss, outputs = result if return_outputs else (result, None)
+            loss = self._check_finite(loss, model, name="dpo_loss")
+            return (loss, outputs) if return_outputs else loss
 
         args = self.args
         metric_mode = "train" if self.model.training else "eval"
@@ -424,6 +430,8 @@ class DistillDPOTrainer(DPOTrainer):
         for name, value in terms.items():
             value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean()
             self._metrics[metric_mode][f"distill/{name}"].append(value.item())
+        self._watch_terms(terms)
+        loss = self._check_finite(loss, model, name="DistillDPO loss")
         return (loss, outputs) if return_outputs else loss
 
     def _adpa_on_student_responses(self, model, student, inputs):

@@ -20,6 +20,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .. import losses
+from ._common import DistillArguments, DistillTrainerMixin
 from ._sft import divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
@@ -34,9 +35,10 @@ from ..validation import validate_datasets
 
 
 @dataclass
-class GKDVariantConfig(GKDConfig):
+class GKDVariantConfig(DistillArguments, GKDConfig):
     r"""
-    Configuration for [`GKDVariant`]. Every field of TRL's `GKDConfig` keeps its meaning; the fields below are added.
+    Configuration for [`GKDVariant`]. Every field of TRL's `GKDConfig` keeps its meaning; the fields below are added,
+    with `overwrite_output_dir` and `on_nonfinite` shared by every trl-distill config (see [`DistillArguments`]).
 
     Args:
         loss_type (`str`, *optional*, defaults to `"jsd"`):
@@ -108,7 +110,7 @@ class GKDVariantConfig(GKDConfig):
         check_quantization(self.teacher_quantization, "GKDVariantConfig.teacher_quantization")
 
 
-class GKDVariant(GKDTrainer):
+class GKDVariant(DistillTrainerMixin, GKDTrainer):
     """TRL's [`GKDTrainer`] with seven divergences, a top-k teacher, a chunked loss and a 4-bit teacher.
 
     Args are those of `GKDTrainer`; `teacher_model` may be a model, a path or a Hub id. It is loaded through
@@ -121,6 +123,7 @@ class GKDVariant(GKDTrainer):
 
     _tag_names = ["trl", "trl-distill", "gkd", "gkd-variant"]
     _name = "GKDVariant"
+    _card_trl_fields = ("lmbda", "beta", "seq_kd", "temperature", "max_new_tokens")
 
     def __init__(self, model=None, teacher_model=None, args: GKDVariantConfig | None = None, **kwargs):
         if args is None:
@@ -228,6 +231,10 @@ class GKDVariant(GKDTrainer):
             outputs = None
         else:
             loss, stats, outputs = self._dense_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss (which this replaces): `num_items_in_batch` counts every process's tokens and
+            # DDP averages the gradients, so scale back up or N processes would train (and log) at 1/N the loss.
+            loss = loss * self.accelerator.num_processes
 
         mode = "train" if self.model.training else "eval"
         divergence, agreement = self.accelerator.gather_for_metrics(
@@ -235,6 +242,7 @@ class GKDVariant(GKDTrainer):
         ).mean(0)
         self._metrics[mode]["divergence"].append(divergence.item())
         self._metrics[mode]["teacher_agreement"].append(agreement.item())
+        loss = self._check_finite(loss, model, name=f"{self.args.loss_type} divergence")
         return (loss, outputs) if return_outputs else loss
 
     def _loss_kwargs(self) -> dict[str, Any]:
@@ -257,6 +265,7 @@ class GKDVariant(GKDTrainer):
         student_head, teacher_head = output_head(student), output_head(self.teacher_model)
         columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
         teacher_hidden = teacher_hidden.to(student_hidden.device)
+        self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
         return losses.chunked_divergence(
             self.args.loss_type,
             student_hidden,
@@ -281,6 +290,7 @@ class GKDVariant(GKDTrainer):
         student_logits = outputs.logits[:, :-1, :columns]
         teacher_logits = teacher_logits[:, :-1, :columns].to(student_logits.device)
         mask = inputs["labels"][:, 1:] != -100
+        self._watch_terms({"student logits": student_logits, "teacher logits": teacher_logits})
         loss = losses.divergence(
             self.args.loss_type,
             student_logits,

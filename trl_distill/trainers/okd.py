@@ -26,6 +26,7 @@ from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .. import losses
+from ._common import DistillArguments, DistillTrainerMixin
 from ._sft import divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
@@ -46,11 +47,12 @@ TEACHER_SCHEDULER_NAME = "teacher_scheduler.pt"
 
 
 @dataclass
-class OKDConfig(SFTConfig):
+class OKDConfig(DistillArguments, SFTConfig):
     r"""
     Configuration for [`OKDTrainer`], online knowledge distillation
     ([Rao et al., 2024](https://huggingface.co/papers/2409.12512)). Every field of TRL's `SFTConfig` keeps its meaning
-    (dataset formats, collator, `max_length`, `completion_only_loss`, ...); the fields below are added.
+    (dataset formats, collator, `max_length`, `completion_only_loss`, ...); the fields below are added, with
+    `overwrite_output_dir` and `on_nonfinite` shared by every trl-distill config (see [`DistillArguments`]).
 
     Args:
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
@@ -207,7 +209,7 @@ class _TeacherOptimizerStep(TrainerCallback):
             self.trainer.teacher_lr_scheduler.step()
 
 
-class OKDTrainer(SFTTrainer):
+class OKDTrainer(DistillTrainerMixin, SFTTrainer):
     """Online knowledge distillation: the student learns from a teacher whose LoRA online module learns alongside.
 
     Args are those of TRL's `SFTTrainer` (same datasets and collator), plus:
@@ -429,6 +431,7 @@ class OKDTrainer(SFTTrainer):
         values = self.accelerator.gather_for_metrics(torch.stack([stats[n] for n in names]).float().unsqueeze(0))
         for name, value in zip(names, values.mean(0).tolist()):
             self._metrics[mode][name].append(value)
+        loss = self._check_finite(loss, model, name="OKD loss")
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -456,6 +459,7 @@ class OKDTrainer(SFTTrainer):
                 self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
             )[:, :-1]
         teacher_hidden = teacher_hidden.to(student_hidden.device)
+        self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
         columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
         student_head, teacher_head = output_head(student), output_head(self.teacher_model)
         student_weight = student_head.weight[:columns]
@@ -484,6 +488,7 @@ class OKDTrainer(SFTTrainer):
             **common,
             **self._loss_parameters(),
         )
+        self._watch_terms({f"student loss ({self.args.loss_type})": student_loss})
         num_tokens = student_stats["num_tokens"]
         # Stats are normalised like the loss (by `num_items_in_batch`, the whole accumulated batch): report them per
         # completion token of this micro-batch instead, which is what the logged averages should mean.
@@ -511,6 +516,7 @@ class OKDTrainer(SFTTrainer):
                 ce_weight=1.0 - self.args.alpha,
                 **common,
             )
+            self._watch_terms({"teacher loss (alpha * KL + (1 - alpha) * CE)": teacher_loss})
             loss = loss + teacher_loss.to(loss.device)
             stats["loss/teacher_kd"] = teacher_stats["divergence"] * per_token
             stats["loss/teacher_ce"] = teacher_stats["ce"] * per_token
@@ -534,13 +540,14 @@ class OKDTrainer(SFTTrainer):
         return correct.float() / max(rows.numel(), 1)
 
     # ------------------------------------------------------------------ saving and resuming
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save the student (as `SFTTrainer` does) and, when it trains, the teacher adapter in `teacher_adapter/`."""
-        super().save_model(output_dir, _internal_call)
-        if self.online and self.args.should_save:
-            output_dir = self.args.output_dir if output_dir is None else output_dir
+    def _save_extra(self, output_dir: str) -> None:
+        """Next to the student (saved as `SFTTrainer` does), the trained teacher adapter in `teacher_adapter/`."""
+        if self.online:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             teacher.save_pretrained(os.path.join(output_dir, TEACHER_ADAPTER_DIR))
+
+    def _extra_trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.teacher_parameters]
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

@@ -27,6 +27,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_trainer
 
+from ._common import DistillArguments, DistillTrainerMixin
 from ._dpo import completion_token_logps
 from ..teacher import disable_cpu_4bit_packing
 from ..validation import PREFERENCE_FORMATS, validate_datasets
@@ -45,7 +46,7 @@ UNUSED_DPO_FIELDS = {
 
 
 @dataclass
-class REDIConfig(DPOConfig):
+class REDIConfig(DistillArguments, DPOConfig):
     r"""
     Configuration for [`REDITrainer`] ([REDI](https://huggingface.co/papers/2505.24850)). Every field of TRL's
     `DPOConfig` keeps its meaning, except those of the reference model and of the DPO loss (`beta`, `loss_type`,
@@ -53,6 +54,8 @@ class REDIConfig(DPOConfig):
 
     The authors' stage-2 settings (the documented GPU recipe): AdamW, `learning_rate=1e-6`, `weight_decay=1e-4`,
     `warmup_steps=0.1` (10% of the steps) then linear decay, batch size 32, one epoch, `alpha=0.8`.
+
+    `overwrite_output_dir` and `on_nonfinite` are shared by every trl-distill config (see [`DistillArguments`]).
 
     Args:
         alpha (`float`, *optional*, defaults to `0.8`):
@@ -92,7 +95,7 @@ def redi_loss(
     return -chosen_normalized + alpha * rejected_normalized, chosen_normalized, rejected_normalized
 
 
-class REDITrainer(DPOTrainer):
+class REDITrainer(DistillTrainerMixin, DPOTrainer):
     """TRL's [`DPOTrainer`] with REDI's reference-free loss ([REDI](https://huggingface.co/papers/2505.24850)).
 
     Args are those of `DPOTrainer` except `ref_model`, which REDI does not have (passing one is an error). Works with
@@ -167,6 +170,7 @@ class REDITrainer(DPOTrainer):
             chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, self.args.alpha
         )
         loss = per_pair.mean()
+        self._watch_terms({"chosen log-probs": chosen_logps, "rejected log-probs": rejected_logps})
 
         with torch.no_grad():
             gather_mean = lambda t: self.accelerator.gather_for_metrics(t.detach().float().reshape(-1)).mean().item()  # noqa: E731
@@ -192,4 +196,5 @@ class REDITrainer(DPOTrainer):
         if return_outputs:
             with torch.no_grad():  # as TRL: the fused head builds no logits, so rebuild them for `compute_metrics`
                 outputs = model(**model_kwargs)
+        loss = self._check_finite(loss, model, name="REDI loss")
         return (loss, outputs) if return_outputs else loss
