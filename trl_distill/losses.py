@@ -606,7 +606,8 @@ def _run_chunks(plan: _ChunkPlan, student_hidden: Tensor, student_weight: Tensor
         if any_grad:
             (grad_logits,) = torch.autograd.grad(objective, logits)  # [c, V]
             if grad_hidden is not None:
-                chunk_grad_hidden = grad_logits @ student_weight  # [c, H]
+                # Under autocast the matmul comes out in half precision: store it in the hidden states' dtype.
+                chunk_grad_hidden = (grad_logits @ student_weight).to(grad_hidden.dtype)  # [c, H]
                 if plan.rows is None:
                     grad_hidden[start:start + plan.chunk_size] = chunk_grad_hidden
                 else:
