@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--loss_type", default="forward_kl", help="any of trl_distill.losses.LOSS_TYPES")
     parser.add_argument("--output_dir", default="outputs/quickstart")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="replace a previous run's saved model")
     args = parser.parse_args()
 
     start = time.time()
@@ -37,6 +38,7 @@ def main() -> None:
 
     config = GKDVariantConfig(
         output_dir=args.output_dir,
+        overwrite_output_dir=args.overwrite_output_dir,
         loss_type=args.loss_type,
         lmbda=0.0,  # off-policy: the dataset's completions (no generation, fastest on CPU)
         max_steps=args.steps,

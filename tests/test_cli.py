@@ -83,3 +83,33 @@ def test_addition_assets_writes_teacher_and_student(tmp_path, monkeypatch):
     for name in ("teacher", "student"):
         assert (tmp_path / "assets" / name / "config.json").exists()
         assert (tmp_path / "assets" / name / "tokenizer.json").exists()
+
+
+def test_rerun_refuses_the_saved_run_then_resumes_or_overwrites(assets):
+    """A second run into the same output_dir stops before training; `--resume_from_checkpoint true` continues from
+    the last complete checkpoint, `--overwrite_output_dir true` starts over."""
+    config = yaml.safe_load((EXAMPLES / "gkd_addition.yaml").read_text())
+    config.update(
+        model_name_or_path=str(assets / "student"),
+        teacher_model_name_or_path=str(assets / "teacher"),
+        output_dir=str(assets / "out"),
+        addition_num_train=32,
+        addition_num_eval=8,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="no",
+    )
+    path = assets / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    base = ["gkd", "--config", str(path), "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    cli.main([*base, "--max_steps", "2"])
+    weights = (assets / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        cli.main([*base, "--max_steps", "2"])
+    assert (assets / "out" / "model.safetensors").read_bytes() == weights
+
+    cli.main([*base, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    assert (assets / "out" / "checkpoint-3").is_dir()
+    state = yaml.safe_load((assets / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    cli.main([*base, "--max_steps", "1", "--overwrite_output_dir", "true"])

@@ -96,7 +96,10 @@ def _student_and_tokenizer(model_args, training_args):
 
 
 def _finish(trainer, training_args, script_args):
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # `--resume_from_checkpoint true`: the last complete checkpoint of output_dir
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:

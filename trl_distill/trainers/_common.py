@@ -130,7 +130,7 @@ def check_output_dir(output_dir: str, *, overwrite: bool, trainer_name: str) -> 
         raise FileExistsError(
             f"{trainer_name}: output_dir {output_dir!r} already holds a saved run ({shown}); training from scratch "
             "would overwrite it. Resume with `trainer.train(resume_from_checkpoint=True)` (CLI: "
-            "`--resume_from_checkpoint <checkpoint>`), pick another output_dir, or set `overwrite_output_dir=True`."
+            "`--resume_from_checkpoint true`), pick another output_dir, or set `overwrite_output_dir=True`."
         )
 
 
