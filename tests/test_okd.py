@@ -130,7 +130,7 @@ def test_training_updates_the_adapter_never_the_teacher_base(tmp_path, student, 
     assert any(not torch.equal(value, adapter[name]) for name, value in _adapter(trainer).items())
     assert any(not torch.equal(v, student_before[k]) for k, v in trainer.model.state_dict().items())
     logged = {key for entry in trainer.state.log_history for key in entry}
-    for key in ("loss/student", "loss/teacher_kd", "loss/teacher_ce", "student_token_accuracy",
+    for key in ("loss/student", "loss/teacher_kd", "loss/teacher_ce", "mean_token_accuracy",
                 "teacher_token_accuracy", "teacher_grad_norm", "teacher_learning_rate"):
         assert key in logged, key
     assert trainer.teacher_optimizer.param_groups[0]["lr"] >= 0

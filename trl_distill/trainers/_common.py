@@ -294,6 +294,14 @@ class DistillTrainerMixin:
         params = [p for p in model.parameters() if p.requires_grad] + self._extra_trainable_parameters()
         return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0 if params else loss.detach() * 0.0
 
+    def _log_num_tokens(self, inputs: dict[str, torch.Tensor], mode: str) -> None:
+        """TRL's `num_tokens` metric (tokens seen in training, all processes), for trainers whose `compute_loss`
+        replaces the TRL one that logs it."""
+        if mode == "train":
+            seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum().item()
+            self._total_train_tokens += int(seen) // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
     def _extra_trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parameters outside `model` (OKD's teacher adapter), zeroed too when a batch is skipped."""
         return []

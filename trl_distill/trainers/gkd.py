@@ -117,8 +117,8 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
     [`trl_distill.teacher.load_teacher`] (4-bit and a frozen adapter on request, see [`GKDVariantConfig`]).
 
     Logged metrics (train and eval): `divergence` (the loss without normalisation tricks), `teacher_agreement`
-    (fraction of completion tokens where teacher and student argmax agree) and `on_policy_fraction` (fraction of
-    batches whose completions the student generated).
+    (fraction of completion tokens where teacher and student argmax agree), `on_policy_fraction` (fraction of
+    batches whose completions the student generated) and TRL's `num_tokens`.
     """
 
     _tag_names = ["trl", "trl-distill", "gkd", "gkd-variant"]
@@ -242,6 +242,7 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         ).mean(0)
         self._metrics[mode]["divergence"].append(divergence.item())
         self._metrics[mode]["teacher_agreement"].append(agreement.item())
+        self._log_num_tokens(inputs, mode)
         loss = self._check_finite(loss, model, name=f"{self.args.loss_type} divergence")
         return (loss, outputs) if return_outputs else loss
 

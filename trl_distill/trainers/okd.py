@@ -222,8 +222,9 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
     Teacher and student must share a vocabulary (a student head padded larger is allowed). The returned `loss` is
     `L_student + L_teacher` (one backward reaches both models; their parameters are disjoint). Logged metrics (train
     and eval): `loss/student`, `loss/student_ce`, `loss/teacher_kd`, `loss/teacher_ce` (per completion token),
-    `student_token_accuracy`, `teacher_token_accuracy` (argmax equals the label), `teacher_agreement` (the two argmax
-    agree); in training also `teacher_grad_norm` (before clipping) and `teacher_learning_rate`.
+    `mean_token_accuracy` (the student's, TRL's name) and `teacher_token_accuracy` (argmax equals the label),
+    `teacher_agreement` (the two argmax agree), TRL's `num_tokens`; in training also `teacher_grad_norm` (before
+    clipping) and `teacher_learning_rate`.
 
     Checkpoints hold the teacher adapter (`teacher_adapter/`), its optimizer and its scheduler, so
     `resume_from_checkpoint` continues exactly; `save_model` writes the student and `teacher_adapter/` beside it.
@@ -313,6 +314,11 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         # Device placement (and mixed precision) only: DDP would need every process to own the teacher's graph, and
         # the adapter's gradients are small enough to average by hand (see `_step_teacher`).
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        if self.online and self.accelerator.num_processes > 1:
+            # What DDP does for the student: start every process from process 0's adapter (a fresh LoRA module is
+            # drawn from each process's own random state, which need not agree).
+            for _, parameter in self.teacher_parameters:
+                torch.distributed.broadcast(parameter.data, src=0)
         self.teacher_optimizer = None
         self.teacher_lr_scheduler = None
         if self.online:
@@ -431,6 +437,7 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         values = self.accelerator.gather_for_metrics(torch.stack([stats[n] for n in names]).float().unsqueeze(0))
         for name, value in zip(names, values.mean(0).tolist()):
             self._metrics[mode][name].append(value)
+        self._log_num_tokens(inputs, mode)
         loss = self._check_finite(loss, model, name="OKD loss")
         return (loss, None) if return_outputs else loss
 
@@ -522,7 +529,7 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
             stats["loss/teacher_ce"] = teacher_stats["ce"] * per_token
 
         with torch.no_grad():
-            stats["student_token_accuracy"] = self._token_accuracy(student_hidden, student_weight, student_bias, labels)
+            stats["mean_token_accuracy"] = self._token_accuracy(student_hidden, student_weight, student_bias, labels)
             stats["teacher_token_accuracy"] = self._token_accuracy(teacher_hidden, teacher_weight, teacher_bias, labels)
         return loss, stats
 
