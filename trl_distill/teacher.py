@@ -331,7 +331,13 @@ def _in_memory(
             stacklevel=3,
         )
         with tempfile.TemporaryDirectory(prefix="trl_distill_teacher_") as directory:
-            model.save_pretrained(directory)
+            # This copy is private to the process, but transformers' save_pretrained writes nothing on processes
+            # other than 0 once torch.distributed is initialized (under `accelerate launch`): let every process write.
+            model.should_save_on_this_rank = lambda is_main_process: True
+            try:
+                model.save_pretrained(directory)
+            finally:
+                del model.should_save_on_this_rank
             reloaded = _from_pretrained(directory, kwargs, "4bit", device, name)
         # Keep the original's name (maybe empty) rather than a deleted temporary path.
         original = getattr(model, "name_or_path", "") or ""

@@ -1,0 +1,207 @@
+"""Train each of the five trainers for two optimizer steps on one fixed global batch and write what came out.
+
+`tests/test_distributed.py` launches it twice, on 2 CPU processes and on 1, and compares the results:
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes N \
+        --mixed_precision no --main_process_port PORT tests/distributed/train_all.py OUT_DIR GLOBAL_BATCH [NAME ...]
+
+Every process writes, for every trainer NAME, `OUT_DIR/NAME.rank<r>.json` (launch facts, the logged losses and a
+checksum of every trainable parameter) and `OUT_DIR/NAME.rank<r>.pt` (each trainable parameter after training and its
+change over training: the student's and, for OKD, the teacher's online module).
+
+The set-up makes N processes equal one process up to float rounding, so any larger difference is a bug:
+
+- The dataset has exactly GLOBAL_BATCH rows and is read in order (`train_sampling_strategy="sequential"`): every
+  optimizer step sees all rows, and with N processes process r gets rows [r*B/N, (r+1)*B/N) (accelerate gives
+  consecutive per-device batches to consecutive processes).
+- Plain SGD, no gradient clipping: a parameter's change is linear in its gradient, so a gradient scaled wrongly
+  across processes shows up 1:1 (Adam's normalisation would all but hide a factor of N).
+- No dropout and no sampling (GKD's `lmbda=0`; DistillDPO without student generations).
+- The SFT data (GKD, OKD) and REDI's pairs put 3-digit answers on the first half of the rows and 2-digit ones on the
+  second, so the processes hold *different* numbers of completion tokens: what `average_tokens_across_devices`
+  must get right (GKD and OKD normalise by the global token count; REDI normalises per sequence). DistillDPO's CE/KL
+  terms and ADPO's anchor KL are token means per micro-batch, as TRL's DPO `sft` loss is, so their data has equal
+  completion lengths on every row (see docs/distributed.md).
+- Each process seeds torch differently before building its trainer, as a script with per-process randomness would:
+  whatever DDP synchronises (the student) and what the trainers must synchronise themselves (OKD's freshly drawn
+  teacher adapter) must not depend on it.
+
+`okd_4bit` is OKD with `teacher_quantization="4bit"` on an in-memory teacher: every process makes its own nf4 copy.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the test machine has 2 cores for 2 processes
+
+from trl_distill import (  # noqa: E402
+    ADPOConfig,
+    ADPOTrainer,
+    DistillDPOConfig,
+    DistillDPOTrainer,
+    GKDVariant,
+    GKDVariantConfig,
+    OKDConfig,
+    OKDTrainer,
+    REDIConfig,
+    REDITrainer,
+)
+from trl_distill import addition  # noqa: E402
+from trl_distill.testing import tiny_causal_lm  # noqa: E402
+
+TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "redi")
+
+
+def _digits(completion) -> int:
+    return len(completion[-1]["content"])
+
+
+def uneven_problems(n: int) -> list[tuple[int, int]]:
+    """n problems: the first half with 3-digit sums, the second with 2-digit sums."""
+    pool = addition.make_problems(200, seed=0)
+    long, short = [p for p in pool if sum(p) >= 100], [p for p in pool if sum(p) < 100]
+    return long[: n - n // 2] + short[: n // 2]
+
+
+def even_rows(dataset_fn, n: int, **kwargs):
+    """The first n rows of `dataset_fn` whose every completion has 3 digits (so every row has as many tokens)."""
+    rows = dataset_fn(addition.make_problems(200, seed=0), **kwargs).to_list()
+    keep = [
+        row for row in rows
+        if all(_digits(c) == 3 for c in row.get("completions", [row.get("chosen"), row.get("rejected")]))
+    ]
+    if len(keep) < n:
+        raise ValueError(f"only {len(keep)} rows with equal completion lengths")
+    from datasets import Dataset
+
+    return Dataset.from_list(keep[:n])
+
+
+def common_args(name: str, out_dir: str, per_device: int) -> dict:
+    return dict(
+        output_dir=os.path.join(out_dir, name),
+        use_cpu=True,  # with ACCELERATE_USE_CPU: the processes join one gloo group on a machine without GPU
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        train_sampling_strategy="sequential",
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        seed=0,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def build(name: str, out_dir: str, global_batch: int, per_device: int):
+    tokenizer = addition.make_tokenizer()
+    student = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=2)
+    teacher = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1)
+    args = common_args(name, out_dir, per_device)
+    if name == "gkd":
+        return GKDVariant(
+            model=student,
+            teacher_model=teacher,
+            args=GKDVariantConfig(**args, lmbda=0.0, loss_type="forward_kl", loss_chunk_size=7),
+            train_dataset=addition.sft_dataset(uneven_problems(global_batch)),
+            processing_class=tokenizer,
+        )
+    if name in ("okd", "okd_4bit"):
+        # okd_4bit: the paper's set-up, a trainable LoRA online module on an nf4 base (bitsandbytes' CPU kernels here),
+        # one 4-bit copy of the teacher per process.
+        return OKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=OKDConfig(
+                **args, teacher_lora_r=4, teacher_lora_alpha=8, teacher_lora_dropout=0.0, alpha=0.3, loss_chunk_size=7,
+                teacher_quantization="4bit" if name == "okd_4bit" else None,
+            ),
+            train_dataset=addition.sft_dataset(uneven_problems(global_batch)),
+            processing_class=tokenizer,
+        )
+    if name == "distill_dpo":
+        # DPO with the teacher as reference plus DCKD's CE and KL terms: every part of the loss runs.
+        return DistillDPOTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=DistillDPOConfig(**args, mode="dckd", dpo_weight=1.0, teacher_top_k=5),
+            train_dataset=even_rows(addition.preference_dataset, global_batch),
+            processing_class=tokenizer,
+        )
+    if name == "adpo":
+        return ADPOTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=ADPOConfig(**args, anchor="teacher", anchor_kl_coef=0.1),
+            train_dataset=even_rows(addition.listwise_dataset, global_batch, k=3),
+            processing_class=tokenizer,
+        )
+    if name == "redi":
+        return REDITrainer(
+            model=student,
+            args=REDIConfig(**args),
+            train_dataset=addition.preference_dataset(uneven_problems(global_batch)),
+            processing_class=tokenizer,
+        )
+    raise ValueError(f"unknown trainer {name!r}; one of {TRAINERS}")
+
+
+def trainable(trainer) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, by name: the student's, and the teacher's online module (OKD)."""
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    params = {f"student.{n}": p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    for n, p in getattr(trainer, "teacher_parameters", []):
+        params[f"teacher.{n}"] = p.detach().clone()
+    return params
+
+
+def main() -> None:
+    out_dir, global_batch = sys.argv[1], int(sys.argv[2])
+    names = sys.argv[3:] or TRAINERS
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+    for name in names:
+        torch.manual_seed(1000 + rank)  # per-process randomness before the trainer exists (see the docstring)
+        trainer = build(name, out_dir, global_batch, global_batch // world_size)
+        state = trainer.accelerator.state
+        before = trainable(trainer)
+        trainer.train()
+        after = trainable(trainer)
+        teacher = getattr(trainer, "teacher_model", None) or getattr(trainer, "ref_model", None)
+        facts = {
+            "trainer": type(trainer).__name__,
+            "num_processes": state.num_processes,
+            "process_index": state.process_index,
+            "distributed_type": str(state.distributed_type),
+            "backend": state.backend,
+            "student_wrapper": type(trainer.model_wrapped).__name__,
+            "teacher_wrapper": None if teacher is None else type(teacher).__name__,
+            "teacher_4bit": teacher is not None and any(type(p).__name__ == "Params4bit" for p in teacher.parameters()),
+            "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+            "global_step": trainer.state.global_step,
+            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "checksums": {n: [p.double().sum().item(), p.double().abs().sum().item()] for n, p in after.items()},
+        }
+        stem = os.path.join(out_dir, f"{name}.rank{state.process_index}")
+        with open(stem + ".json", "w") as f:
+            json.dump(facts, f, indent=1)
+        torch.save({"final": after, "deltas": {n: after[n] - before[n] for n in after}}, stem + ".pt")
+        trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Several processes: the shipped accelerate configs parse, and 2 CPU processes (gloo) train like 1, for all trainers.
+
+`tests/distributed/train_all.py` trains each trainer (and OKD once more with a 4-bit teacher base) for two optimizer
+steps on one fixed global batch of 8 (see its docstring for why the two runs must agree); it is launched with the
+shipped `examples/accelerate/ddp.yaml` on 2 processes (per-device batch 4) and on 1 (per-device batch 8).
+
+Tolerance: both runs are fp32 and differ only in how sums are split and ordered (two half-batches plus a gloo
+all-reduce against one batch), which moves results by a few float32 ulps: measured at most 5.4e-7 of the largest
+parameter change, 2.3e-6 of a loss. The bound, 1e-4 relative, is 200x above that noise and 100x below the smallest
+real fault this set-up shows: an un-averaged OKD teacher-adapter gradient changes the adapter by 1e-2 of its
+largest change, a missing `* num_processes` (GKD's loss, before the fix) halves the loss and the step.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "accelerate"
+TRAIN_ALL = ROOT / "tests" / "distributed" / "train_all.py"
+TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "redi")
+GLOBAL_BATCH = 8
+RTOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize(
+    "name, distributed_type, expected",
+    [
+        ("ddp.yaml", "MULTI_GPU", {}),
+        ("deepspeed_zero2.yaml", "DEEPSPEED", {"deepspeed_config": {"zero_stage": 2}}),
+        ("deepspeed_zero3.yaml", "DEEPSPEED", {"deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True}}),
+        ("fsdp.yaml", "FSDP", {"fsdp_config": {"fsdp_version": 2}}),
+    ],
+)
+def test_accelerate_config_parses(name, distributed_type, expected):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = CONFIGS / name
+    config = load_config_from_file(str(path))  # what `accelerate launch --config_file` reads
+    assert config.distributed_type.name == distributed_type
+    assert config.compute_environment.name == "LOCAL_MACHINE"
+    assert config.mixed_precision == "bf16" and config.num_machines == 1
+    for section, fields in expected.items():
+        for key, value in fields.items():
+            assert getattr(config, section)[key] == value, (section, key)
+    # ... and what `accelerate launch` makes of it, without launching anything.
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 2
+    assert (args.multi_gpu, args.use_deepspeed, args.use_fsdp) == (
+        distributed_type == "MULTI_GPU", distributed_type == "DEEPSPEED", distributed_type == "FSDP"
+    )
+
+
+def test_every_shipped_config_is_tested():
+    tested = {"ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes vs 1
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out_dir: Path, num_processes: int) -> None:
+    out_dir.mkdir()
+    env = {
+        **os.environ,
+        # No GPU here: without this, each process would find no accelerator and train alone (DistributedType.NO).
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(CONFIGS / "ddp.yaml"),
+        "--num_processes", str(num_processes),
+        "--mixed_precision", "no",
+        "--main_process_port", str(_free_port()),
+        str(TRAIN_ALL), str(out_dir), str(GLOBAL_BATCH),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        pytest.fail(f"{num_processes}-process launch failed ({result.returncode}):\n{result.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    root = tmp_path_factory.mktemp("distributed")
+    _launch(root / "two", 2)
+    _launch(root / "one", 1)
+    return root
+
+
+def _result(root: Path, run: str, name: str, rank: int) -> tuple[dict, dict]:
+    stem = root / run / f"{name}.rank{rank}"
+    return json.loads(Path(f"{stem}.json").read_text()), torch.load(f"{stem}.pt")
+
+
+def _assert_close_by_group(got: dict, want: dict, scale: dict, what: str) -> None:
+    """Every tensor within RTOL of the largest change of its group (student, or OKD's teacher adapter)."""
+    assert got.keys() == want.keys()
+    for group in ("student.", "teacher."):
+        names = [n for n in want if n.startswith(group)]
+        if not names:
+            continue
+        largest = max(scale[n].abs().max().item() for n in names)
+        assert largest > 0, f"{group[:-1]} did not train"
+        for n in names:
+            error = (got[n] - want[n]).abs().max().item()
+            assert error <= RTOL * largest, f"{what} {n}: off by {error:.3g} (largest change {largest:.3g})"
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_two_cpu_processes_train_like_one(runs, name):
+    one, one_tensors = _result(runs, "one", name, 0)
+    ranks = [_result(runs, "two", name, rank) for rank in (0, 1)]
+
+    assert one["num_processes"] == 1 and one["per_device_train_batch_size"] == GLOBAL_BATCH
+    for rank, (facts, _) in enumerate(ranks):
+        assert facts["process_index"] == rank
+        assert facts["num_processes"] == 2 and facts["per_device_train_batch_size"] == GLOBAL_BATCH // 2
+        assert facts["distributed_type"] == "DistributedType.MULTI_CPU" and facts["backend"] == "gloo"
+        assert facts["student_wrapper"] == "DistributedDataParallel"
+        # The teacher / reference only runs forward passes: placed on the device, never wrapped in DDP.
+        assert facts["teacher_wrapper"] != "DistributedDataParallel"
+        assert facts["teacher_4bit"] == (name == "okd_4bit")  # one nf4 teacher per process
+        assert facts["global_step"] == one["global_step"] == 2
+
+    # Both processes hold the same weights after training, bit for bit (the student through DDP; OKD's teacher
+    # adapter through its broadcast at init and its hand-averaged gradients).
+    (_, rank0), (_, rank1) = ranks
+    for n in rank0["final"]:
+        assert torch.equal(rank0["final"][n], rank1["final"][n]), f"processes disagree on {n}"
+
+    facts, tensors = ranks[0]
+    torch.testing.assert_close(facts["losses"], one["losses"], rtol=RTOL, atol=1e-7)
+    _assert_close_by_group(tensors["deltas"], one_tensors["deltas"], one_tensors["deltas"], "change of")
+    _assert_close_by_group(tensors["final"], one_tensors["final"], one_tensors["deltas"], "final")
+    if name.startswith("okd"):
+        assert any(n.startswith("teacher.") and "lora_" in n for n in tensors["deltas"])
