@@ -43,6 +43,7 @@ MODEL_FILES = (
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers writes it last in every checkpoint
 STAGING_PREFIX = "_incomplete-save-"  # "_*" is in Trainer.push_to_hub's ignore patterns
+NUM_TOKENS_NAME = "num_tokens.json"  # TRL's running `num_tokens` total, which transformers' checkpoints omit
 
 TRL_CITATION = """\
 @software{vonwerra2020trl,
@@ -256,6 +257,20 @@ class DistillTrainerMixin:
             move_into(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and hasattr(self, "_total_train_tokens"):
+            write_text_atomically(
+                os.path.join(output_dir, NUM_TOKENS_NAME), json.dumps({"num_tokens": self._total_train_tokens})
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, NUM_TOKENS_NAME)
+        if path is not None and os.path.isfile(path) and hasattr(self, "_total_train_tokens"):
+            with open(path, encoding="utf-8") as f:
+                self._total_train_tokens = int(json.load(f)["num_tokens"])
 
     def _save_extra(self, output_dir: str) -> None:
         """Files a trainer saves next to the model (OKD: `teacher_adapter/`); written into the staging folder."""

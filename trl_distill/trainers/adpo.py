@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +63,10 @@ REWARD_STD_EPS = 1e-4
 # Name of the frozen adapter holding the anchor of a PEFT policy. TRL's DPOTrainer uses the same name for its
 # reference copy of a pretrained adapter, so the "fixed" anchor of such a model is TRL's own reference.
 ANCHOR_ADAPTER = "ref"
+# A moving anchor that is a whole model (not an adapter) is saved in each checkpoint under this name.
+ANCHOR_WEIGHTS_NAME = "anchor.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -599,6 +605,34 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
         else:
             # TRL's own mix-up (ZeRO-3 aware): target <- (1 - alpha) * target + alpha * policy.
             SyncRefModelCallback.sync_target_model(policy, self.accelerator.unwrap_model(self.ref_model), weight)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _has_moving_anchor_model(self) -> bool:
+        """An EMA/periodic anchor held as a separate model; a PEFT policy's anchor adapter is saved with the policy."""
+        return self.args.anchor in ("ema", "periodic") and self.ref_model is not None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._has_moving_anchor_model() and self.args.should_save:
+            from safetensors.torch import save_model
+
+            save_model(self.accelerator.unwrap_model(self.ref_model), os.path.join(output_dir, ANCHOR_WEIGHTS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._has_moving_anchor_model():
+            return
+        path = os.path.join(resume_from_checkpoint, ANCHOR_WEIGHTS_NAME)
+        if not os.path.isfile(path):  # e.g. `save_only_model`: like the optimizer, the anchor then starts over
+            logger.warning(
+                f"{resume_from_checkpoint} has no {ANCHOR_WEIGHTS_NAME}: the {self.args.anchor} anchor restarts from "
+                "the policy as it was at construction."
+            )
+            return
+        from safetensors.torch import load_model
+
+        anchor = self.accelerator.unwrap_model(self.ref_model)
+        load_model(anchor, path, device=str(next(anchor.parameters()).device))
 
     def _anchor_token_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Per-token log-probs `[N, seq_len]` of the completion tokens under the anchor (0 elsewhere), no grad."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback, get_scheduler
+from transformers import TrainerCallback, get_scheduler, set_seed
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
@@ -288,6 +288,8 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
                 adapter = args.teacher_adapter or teacher_peft_config or self._online_module_config(args)
         else:
             adapter = args.teacher_adapter
+        # A fresh online module is drawn here, before Trainer.__init__ seeds: seed first so `args.seed` fixes it.
+        set_seed(args.seed)
         teacher_model = load_teacher(
             teacher_model,
             quantization=args.teacher_quantization,
