@@ -49,11 +49,20 @@ def _default(f: dataclasses.Field) -> str:
     return "required"
 
 
-def _fields_table(fields: list[dataclasses.Field]) -> str:
+def _annotation(config: type, name: str) -> str:
+    """The annotation as written in the class (`HfArgumentParser` rewrites `Field.type` in place)."""
+    for base in config.__mro__:
+        if name in vars(base).get("__annotations__", {}):
+            annotation = vars(base)["__annotations__"][name]
+            return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return "?"
+
+
+def _fields_table(config: type) -> str:
     rows = ["| field | type | default | help |", "|---|---|---|---|"]
-    for f in fields:
+    for f in _own_fields(config):
         help_text = f.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{f.name}` | `{f.type}` | `{_default(f)}` | {help_text} |")
+        rows.append(f"| `{f.name}` | `{_annotation(config, f.name)}` | `{_default(f)}` | {help_text} |")
     return "\n".join(rows)
 
 
@@ -94,7 +103,7 @@ def render() -> str:
         "",
         _first_paragraph(DistillArguments),
         "",
-        _fields_table(_own_fields(DistillArguments)),
+        _fields_table(DistillArguments),
         "",
     ]
     for trainer_name, config_name, parents, page in PAIRS:
@@ -112,7 +121,7 @@ def render() -> str:
             "",
             f"### `{config_name}` fields",
             "",
-            _fields_table(_own_fields(config)),
+            _fields_table(config),
             "",
         ]
     for module, summary in MODULES:
