@@ -113,3 +113,25 @@ def test_rerun_refuses_the_saved_run_then_resumes_or_overwrites(assets):
     state = yaml.safe_load((assets / "out" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     cli.main([*base, "--max_steps", "1", "--overwrite_output_dir", "true"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_field_has_help_text(command, capsys):
+    """`trl-distill <command> --help` documents every field trl-distill adds (TRL documents its own)."""
+    import dataclasses
+
+    config_class = cli.COMMANDS[command][1]()
+    own = {
+        name
+        for base in config_class.__mro__
+        if base.__module__.startswith("trl_distill")
+        for name in vars(base).get("__annotations__", {})
+    }
+    fields = [f for f in dataclasses.fields(config_class) if f.name in own]
+    assert fields
+    assert [f.name for f in fields if not f.metadata.get("help")] == []
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    help_text = capsys.readouterr().out
+    for f in fields:
+        assert f"--{f.name}" in help_text, f.name
