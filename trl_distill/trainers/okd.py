@@ -84,8 +84,8 @@ class OKDConfig(DistillArguments, SFTConfig):
         alpha (`float`, *optional*, defaults to `0.1`):
             Weight of the distillation term in the teacher loss,
             `alpha * KL(q_student || p_teacher) + (1 - alpha) * CE(p_teacher, y)`. The paper gives no value. A large
-            alpha drags the teacher toward the (weaker) student: on the shipped addition task a prototype measured
-            student exact match 91% with 0.1, 69% with 0.3 and 20-34% with 0.5 (see `docs/okd.md`).
+            alpha can drag the teacher toward the (weaker) student; on the shipped addition task the effect of alpha
+            was not consistent across seeds (`docs/okd.md`, "Choosing alpha"): tune it on held-out data.
         loss_type (`str`, *optional*, defaults to `"forward_kl"`):
             Student loss, a divergence from the teacher to the student, one of `"forward_kl"` (the paper's
             `KL(p_teacher || q_student)`), `"reverse_kl"`, `"jsd"` (parameter `beta`), `"skew_kl"`, `"skew_rkl"`
