@@ -42,11 +42,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from _rss import reset_peak_rss, rss_bytes  # benchmarks/ is on sys.path when a script here runs
+# benchmarks/ is on sys.path when a script here runs
+from _common import launch_worker, make_word_tokenizer, random_words
+from _rss import reset_peak_rss, rss_bytes
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,44 +89,15 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_word_tokenizer(vocab_size: int):
-    """A word-level tokenizer with exactly `vocab_size` entries (5 special tokens, then words ``w0``, ``w1``, ...)
-    and a one-line chat template whose assistant turn ends with ``<|end|>`` (the EOS)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
-    words = [f"w{i}" for i in range(vocab_size - len(specials))]
-    vocab = {token: i for i, token in enumerate(specials + words)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>", padding_side="right",
-        model_max_length=1 << 16, clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}<|user|> {{ message['content'] }} "
-        "{%- elif message['role'] == 'assistant' -%}<|assistant|> {% generation %}{{ message['content'] }} <|end|>"
-        "{% endgeneration %} "
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}<|assistant|> {%- endif -%}"
-    )
-    assert len(tokenizer) == vocab_size, len(tokenizer)
-    return tokenizer
-
-
 def make_dataset(args, completion_len: int, rows: int):
     import random
 
     from datasets import Dataset
 
     rng = random.Random(args.seed)
-    n_words = args.vocab_size - 5
 
     def text(n):
-        return " ".join(f"w{rng.randrange(n_words)}" for _ in range(n))
+        return random_words(rng, args.vocab_size, n)
 
     return Dataset.from_list([
         {"messages": [{"role": "user", "content": text(args.prompt_len)},
@@ -225,12 +197,7 @@ def run_worker(args, trainer_kind: str, lmbda: float, completion_len: int) -> di
 
 
 def _launch(argv: list[str], trainer_kind: str, lmbda: float, completion_len: int) -> dict:
-    worker = f"{trainer_kind}:{lmbda}:{completion_len}"
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", worker]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{worker} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return launch_worker(__file__, argv, f"{trainer_kind}:{lmbda}:{completion_len}")
 
 
 def _mib(n: float) -> float:

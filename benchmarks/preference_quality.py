@@ -33,9 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from _common import make_exact_match_callback  # noqa: E402  (benchmarks/ is on sys.path)
 from trl_distill import addition  # noqa: E402
 from trl_distill.testing import tiny_student, train_sft  # noqa: E402
 from trl_distill.trainers.adpo import ADPOConfig, ADPOTrainer  # noqa: E402
@@ -59,17 +59,6 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     parser.add_argument("--plot", default="docs/preference_quality.png")
     return parser.parse_args(argv)
-
-
-class ExactMatchCurve(TrainerCallback):
-    """Exact match on the held-out problems every `every` optimizer steps (and at the end)."""
-
-    def __init__(self, tokenizer, problems, every):
-        self.tokenizer, self.problems, self.every, self.points = tokenizer, problems, every, []
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.points.append((state.global_step, addition.exact_match(model, self.tokenizer, self.problems)))
 
 
 def common_args(cli, output_dir):
@@ -125,7 +114,7 @@ def main(argv=None):
     for method in cli.methods:
         t0 = time.time()
         trainer = build(method, start, tokenizer, train_problems, cli, str(Path(cli.output_dir) / method))
-        curve = ExactMatchCurve(tokenizer, eval_problems, cli.eval_every)
+        curve = make_exact_match_callback(tokenizer, eval_problems, cli.eval_every)
         curve.points.append((0, sft_em))
         trainer.add_callback(curve)
         trainer.train()
