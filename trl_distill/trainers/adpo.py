@@ -739,9 +739,7 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
             tokens = self._gather(shift_mask.sum()).sum().clamp(min=1)
             entropy = (outputs.entropy[:, -seq_len:] * shift_mask).sum()
             self._metrics[mode]["entropy"].append((self._gather(entropy).sum() / tokens).item())
-            if mode == "train":
-                self._total_train_tokens += int(self._gather(inputs["attention_mask"].sum()).sum()) // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self._log_num_tokens(inputs, mode)
 
         if return_outputs:
             with torch.no_grad():  # as TRL: the fused head builds no logits, so rebuild them for `compute_metrics`

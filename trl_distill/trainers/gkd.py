@@ -21,7 +21,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .. import losses
 from ._common import DistillArguments, DistillTrainerMixin
-from ._sft import divergence_loss_type
+from ._sft import check_divergence_fields, divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
     check_quantization,
@@ -95,14 +95,7 @@ class GKDVariantConfig(DistillArguments, GKDConfig):
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"GKDVariantConfig.beta must be in [0, 1], got {self.beta}.")
         super().__post_init__()
-        if self.loss_type not in losses.LOSS_TYPES:
-            raise ValueError(f"GKDVariantConfig.loss_type={self.loss_type!r} is not one of {losses.LOSS_TYPES}.")
-        if not 0.0 <= self.skew_alpha < 1.0:
-            raise ValueError(f"GKDVariantConfig.skew_alpha must be in [0, 1), got {self.skew_alpha}.")
-        if not 0.0 < self.akl_mu <= 1.0:
-            raise ValueError(f"GKDVariantConfig.akl_mu must be in (0, 1], got {self.akl_mu}.")
-        if self.loss_temperature <= 0:
-            raise ValueError(f"GKDVariantConfig.loss_temperature must be > 0, got {self.loss_temperature}.")
+        check_divergence_fields(self)
         if self.teacher_top_k is not None and self.teacher_top_k < 1:
             raise ValueError(f"GKDVariantConfig.teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:

@@ -27,7 +27,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from .. import losses
 from ._common import DistillArguments, DistillTrainerMixin
-from ._sft import divergence_loss_type
+from ._sft import check_divergence_fields, divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
     check_quantization,
@@ -161,16 +161,7 @@ class OKDConfig(DistillArguments, SFTConfig):
         check_quantization(self.teacher_quantization, "OKDConfig.teacher_quantization")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"OKDConfig.alpha must be in [0, 1], got {self.alpha}.")
-        if self.loss_type not in losses.LOSS_TYPES:
-            raise ValueError(f"OKDConfig.loss_type={self.loss_type!r} is not one of {losses.LOSS_TYPES}.")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"OKDConfig.beta must be in [0, 1], got {self.beta}.")
-        if not 0.0 <= self.skew_alpha < 1.0:
-            raise ValueError(f"OKDConfig.skew_alpha must be in [0, 1), got {self.skew_alpha}.")
-        if not 0.0 < self.akl_mu <= 1.0:
-            raise ValueError(f"OKDConfig.akl_mu must be in (0, 1], got {self.akl_mu}.")
-        if self.loss_temperature <= 0:
-            raise ValueError(f"OKDConfig.loss_temperature must be > 0, got {self.loss_temperature}.")
+        check_divergence_fields(self)
         if self.student_ce_weight < 0:
             raise ValueError(f"OKDConfig.student_ce_weight must be >= 0, got {self.student_ce_weight}.")
         if self.loss_chunk_size is None or self.loss_chunk_size < 1:

@@ -189,9 +189,7 @@ class REDITrainer(DistillTrainerMixin, DPOTrainer):
             self._metrics[mode]["mean_token_accuracy"].append(
                 (gather_sum((chosen_top1 & chosen_mask).sum()) / gather_sum(chosen_mask.sum()).clamp(min=1)).item()
             )
-            if mode == "train":
-                self._total_train_tokens += int(gather_sum(inputs["attention_mask"].sum()).item()) // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self._log_num_tokens(inputs, mode)
 
         if return_outputs:
             with torch.no_grad():  # as TRL: the fused head builds no logits, so rebuild them for `compute_metrics`
