@@ -118,16 +118,9 @@ def test_rerun_refuses_the_saved_run_then_resumes_or_overwrites(assets):
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_field_has_help_text(command, capsys):
     """`trl-distill <command> --help` documents every field trl-distill adds (TRL documents its own)."""
-    import dataclasses
+    from trl_distill.trainers._common import added_fields
 
-    config_class = cli.COMMANDS[command][1]()
-    own = {
-        name
-        for base in config_class.__mro__
-        if base.__module__.startswith("trl_distill")
-        for name in vars(base).get("__annotations__", {})
-    }
-    fields = [f for f in dataclasses.fields(config_class) if f.name in own]
+    fields = added_fields(cli.COMMANDS[command][1]())
     assert fields
     assert [f.name for f in fields if not f.metadata.get("help")] == []
     with pytest.raises(SystemExit):

@@ -88,6 +88,17 @@ class DistillArguments:
         super().__post_init__()
 
 
+def added_fields(config: type) -> list:
+    """The dataclass fields trl-distill declares (on the config and its `DistillArguments`), not TRL's."""
+    names = {
+        name
+        for base in config.__mro__
+        if base.__module__.startswith("trl_distill")
+        for name in vars(base).get("__annotations__", {})
+    }
+    return [f for f in fields(config) if f.name in names]
+
+
 # ---------------------------------------------------------------------------------------------- output folders
 def is_complete_checkpoint(path: str) -> bool:
     """A checkpoint is complete once its trainer state (written after the weights and optimizer) parses."""
@@ -343,17 +354,11 @@ class DistillTrainerMixin:
             ("seed", args.seed),
         ]
         rows += [(name, getattr(args, name)) for name in self._card_trl_fields if hasattr(args, name)]
-        # The fields trl-distill adds (each config's own annotations), not the hundred inherited TrainingArguments.
-        own = {
-            name
-            for base in type(args).__mro__
-            if base.__module__.startswith("trl_distill")
-            for name in vars(base).get("__annotations__", {})
-        }
+        # The fields trl-distill adds, not the hundred inherited TrainingArguments.
         rows += [
             (f.name, getattr(args, f.name))
-            for f in fields(args)
-            if f.name in own and f.name not in ("overwrite_output_dir", "on_nonfinite", "teacher_model_init_kwargs")
+            for f in added_fields(type(args))
+            if f.name not in ("overwrite_output_dir", "on_nonfinite", "teacher_model_init_kwargs")
         ]
         peft_config = getattr(self.model, "peft_config", None)
         if isinstance(peft_config, dict) and "default" in peft_config:
