@@ -227,13 +227,13 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
     _tag_names = ["trl", "trl-distill", "okd"]
     _name = "OKD"
     _paper = {
-        "title": "Online Knowledge Distillation",
+        "title": "Exploring and Enhancing the Transfer of Distribution in Knowledge Distillation for Autoregressive Language Models",
         "id": "2409.12512",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
-            @misc{rao2024okd,
-                title        = {{Online Knowledge Distillation}},
-                author       = {Rao and others},
+            @article{rao2024okd,
+                title        = {{Exploring and Enhancing the Transfer of Distribution in Knowledge Distillation for Autoregressive Language Models}},
+                author       = {Jun Rao and Xuebo Liu and Zepeng Lin and Liang Ding and Jing Li and Dacheng Tao and Min Zhang},
                 year         = 2024,
                 eprint       = {arXiv:2409.12512},
             }"""),
