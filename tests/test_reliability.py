@@ -4,6 +4,7 @@ float32 under half precision."""
 
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -192,6 +193,63 @@ def test_skip_gives_the_bad_batch_zero_gradients_and_trains_on(make, tmp_path, n
     final = trainable()
     assert all(torch.isfinite(p).all() for p in final.values())
     assert any(not torch.equal(final[n], initial[n]) for n in initial)  # the second, clean batch trained
+
+
+def _poison_first_backward(named_parameters):
+    """NaN in the gradient of the first trainable parameter, on the first backward only: the loss stays finite."""
+    name, param = next((n, p) for n, p in named_parameters if p.requires_grad)
+    calls = []
+
+    def hook(grad):
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 1 else grad
+
+    param.register_hook(hook)
+    return name
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_nonfinite_gradient_behind_a_finite_loss_names_step_and_parameter(make, tmp_path, name):
+    trainer = make(name, tmp_path)
+    parameter = _poison_first_backward(trainer.model.named_parameters())
+    message = rf"{type(trainer).__name__}: non-finite gradient at step 1 with a finite loss, in {re.escape(parameter)}"
+    with pytest.raises(FloatingPointError, match=message):
+        trainer.train()
+
+
+def test_nonfinite_gradient_of_the_okd_teacher_adapter_is_named(make, tmp_path):
+    trainer = make("okd", tmp_path)
+    parameter = _poison_first_backward(trainer.teacher_parameters)
+    with pytest.raises(FloatingPointError, match=rf"non-finite gradient at step 1 .* in teacher {re.escape(parameter)}"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_skip_drops_the_optimizer_step_of_a_nonfinite_gradient(make, tmp_path, name):
+    trainer = make(name, tmp_path, on_nonfinite="skip", max_steps=2)
+    snapshot = lambda: [p.detach().clone() for p in trainer.model.parameters()] + [  # noqa: E731
+        p.detach().clone() for p in trainer._extra_trainable_parameters()]
+    initial = snapshot()
+    _poison_first_backward(trainer.model.named_parameters())
+    if name == "okd":  # and the teacher adapter's, in the same step
+        _poison_first_backward(trainer.teacher_parameters)
+    after_first = []
+
+    class AfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                after_first.extend(snapshot())
+
+    trainer.add_callback(AfterStep())
+    trainer.train()
+
+    skipped = [e["nonfinite_grad_skipped"] for e in trainer.state.log_history if "nonfinite_grad_skipped" in e]
+    assert skipped == [1.0, 0.0]
+    for before, after in zip(initial, after_first, strict=True):  # nothing moved: no optimizer saw a gradient
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    final = snapshot()
+    assert all(torch.isfinite(p).all() for p in final)
+    assert any(not torch.equal(a, b) for a, b in zip(final, initial))  # the second step trained
 
 
 def test_on_nonfinite_is_validated(tmp_path):

@@ -8,6 +8,8 @@
     leaves the previous file or the new one, never a truncated one;
   - `_check_finite(loss, model)`: a non-finite loss raises `FloatingPointError` naming the step and the first
     non-finite term, or (with `on_nonfinite="skip"`) turns the batch into a zero-gradient no-op;
+  - `_get_grad_norm`: a NaN/inf gradient behind a finite loss (student or extra trainable parameters, checked
+    before the optimizer step) raises naming the step and the parameters, or skips the optimizer step;
   - `create_model_card`: a card naming the method, teacher, student base, hyperparameters, results and citations.
 """
 
@@ -68,7 +70,10 @@ class DistillArguments:
         on_nonfinite (`str`, *optional*, defaults to `"raise"`):
             What a training step does when its loss is NaN or infinite: `"raise"` stops with a `FloatingPointError`
             naming the step and the term at fault; `"skip"` logs a warning, gives the batch zero gradients and counts
-            it in the `nonfinite_skipped` metric.
+            it in the `nonfinite_skipped` metric. A NaN/inf gradient behind a finite loss is handled the same way at
+            the optimizer step: `"raise"` names the step and the parameters, `"skip"` drops that optimizer step (no
+            parameter moves) and counts it in `nonfinite_grad_skipped`. Under fp16 the GradScaler handles overflowing
+            gradients instead, as in `Trainer`.
     """
 
     overwrite_output_dir: bool = field(
@@ -77,7 +82,8 @@ class DistillArguments:
     )
     on_nonfinite: str = field(
         default="raise",
-        metadata={"help": "On a NaN/inf training loss: 'raise' (name the step and term) or 'skip' the batch."},
+        metadata={"help": "On a NaN/inf training loss or gradient: 'raise' (name the step and term or parameters) "
+                          "or 'skip' the batch (loss) / the optimizer step (gradient)."},
     )
 
     def __post_init__(self):
@@ -320,6 +326,45 @@ class DistillTrainerMixin:
         params = [p for p in model.parameters() if p.requires_grad] + self._extra_trainable_parameters()
         return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0 if params else loss.detach() * 0.0
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """`Trainer`'s gradient norm (pre-clip), then a check that every gradient about to be stepped is finite.
+
+        A finite loss can still give NaN/inf gradients (an overflow inside the backward pass). `Trainer` would step
+        on them and turn every weight into NaN; here they raise or, with `on_nonfinite="skip"`, the optimizer step
+        is dropped (gradients set to None, so no optimizer moves a parameter). Under fp16 the GradScaler already
+        skips such steps and lowers its scale, so it is left to do that."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.accelerator.scaler is not None:
+            return grad_norm
+        skipping = getattr(self.args, "on_nonfinite", "raise") == "skip"
+        student_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        extra = [p for p in self._extra_trainable_parameters() if p.grad is not None]
+        # extra parameters (OKD's teacher adapter) are not DDP-wrapped: agree across processes before acting
+        extra_bad = torch.tensor(float(any(not torch.isfinite(p.grad).all() for p in extra)),
+                                 device=self.accelerator.device)
+        extra_finite = self.accelerator.reduce(extra_bad, reduction="sum").item() == 0
+        finite = student_finite and extra_finite
+        if skipping:
+            self._metrics["train"]["nonfinite_grad_skipped"].append(0.0 if finite else 1.0)
+        if finite:
+            return grad_norm
+        named = list(model.named_parameters()) + self._extra_named_parameters()
+        bad = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        where = (
+            f"{type(self).__name__}: non-finite gradient at step {self.state.global_step + 1} with a finite loss, in "
+            f"{shown or 'the parameters of another process'}"
+        )
+        if not skipping:
+            raise FloatingPointError(
+                f"{where}. Set `on_nonfinite='skip'` to skip such optimizer steps; a lower learning rate or a smaller "
+                "`max_grad_norm` usually removes the cause."
+            )
+        logger.warning(f"{where}: optimizer step skipped.")
+        for p in [p for _, p in named]:
+            p.grad = None
+        return grad_norm
+
     def _log_num_tokens(self, inputs: dict[str, torch.Tensor], mode: str) -> None:
         """TRL's `num_tokens` metric (tokens seen in training, all processes), for trainers whose `compute_loss`
         replaces the TRL one that logs it."""
@@ -328,9 +373,13 @@ class DistillTrainerMixin:
             self._total_train_tokens += int(seen) // getattr(self, "_tp_size", 1)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
-    def _extra_trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Trainable parameters outside `model` (OKD's teacher adapter), zeroed too when a batch is skipped."""
+    def _extra_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Trainable parameters outside `model` (OKD's teacher adapter), with the names errors show; skipped batches
+        and skipped optimizer steps cover them too."""
         return []
+
+    def _extra_trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._extra_named_parameters()]
 
     # ------------------------------------------------------------------ model card
     def _card_teacher(self) -> Any:

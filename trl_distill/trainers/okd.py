@@ -546,8 +546,8 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             teacher.save_pretrained(os.path.join(output_dir, TEACHER_ADAPTER_DIR))
 
-    def _extra_trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.teacher_parameters]
+    def _extra_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"teacher {name}", p) for name, p in self.teacher_parameters]
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
