@@ -14,6 +14,7 @@ from trl.rewards import get_soft_overlong_punishment, think_format_reward
 from trl_distill import addition
 from trl_distill.testing import tiny_causal_lm
 from trl_distill.trainers.adpo import (
+    ANCHOR_WEIGHTS_NAME,
     ADPOConfig,
     ADPOTrainer,
     group_by_prompt,
@@ -257,6 +258,28 @@ def test_periodic_anchor_of_full_model(student, tokenizer, problems, tmp_path):
     final = snapshot(trainer.ref_model)
     assert all(torch.equal(a, b) for a, b in zip(final, anchor_3))  # step 3 is not a refresh step
     assert not all(torch.equal(a, b) for a, b in zip(final, initial))
+
+
+def test_resume_without_the_anchor_file_warns_and_restarts_the_anchor(student, tokenizer, problems, tmp_path, caplog):
+    dataset = addition.preference_dataset(problems[:16])
+    initial = copy.deepcopy(student)
+    first = _adpo(copy.deepcopy(initial), tokenizer, dataset, tmp_path, anchor="ema", ema_decay=0.5, max_steps=2,
+                  learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    saved_anchor = [p.detach().clone() for p in first.ref_model.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(saved_anchor, initial.parameters()))  # the anchor had moved
+    (checkpoint / ANCHOR_WEIGHTS_NAME).unlink()  # e.g. a checkpoint written with save_only_model
+
+    resumed = _adpo(copy.deepcopy(initial), tokenizer, dataset, tmp_path, anchor="ema", ema_decay=0.5, max_steps=2,
+                    learning_rate=1e-2)
+    with caplog.at_level("WARNING", logger="trl_distill"):
+        resumed._load_from_checkpoint(str(checkpoint))
+    assert f"checkpoint-2 has no {ANCHOR_WEIGHTS_NAME}: the ema anchor restarts" in caplog.text
+    for anchor, start in zip(resumed.ref_model.parameters(), initial.parameters(), strict=True):
+        torch.testing.assert_close(anchor, start, rtol=0, atol=0)  # the anchor as built, not the saved one
+    for policy, trained in zip(resumed.model.parameters(), first.model.parameters(), strict=True):
+        torch.testing.assert_close(policy, trained, rtol=0, atol=0)  # the policy itself was restored
 
 
 def test_teacher_anchor_with_padded_head(student, tokenizer, problems, tmp_path):
