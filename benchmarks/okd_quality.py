@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import trainer_args  # noqa: E402  (sets the offline environment before transformers is imported)
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -80,24 +78,10 @@ class ExactMatchCurve(TrainerCallback):
 
 
 def common_args(args, name):
-    return dict(
-        output_dir=str(Path(args.output_dir) / name),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=30,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        seed=args.seed,
-        logging_steps=50,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        # CPU overrides of TRL's GPU defaults
-        bf16=False,
-        gradient_checkpointing=False,
+    return trainer_args(
+        str(Path(args.output_dir) / name), args.steps, args.batch_size, args.learning_rate, args.seed,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        lr_scheduler_type="cosine", warmup_steps=30, weight_decay=0.01, max_grad_norm=1.0, logging_steps=50,
     )
 
 

@@ -54,9 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from _common import trainer_args  # noqa: E402  (sets the offline environment before transformers is imported)
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -129,21 +127,8 @@ class StepTimer(TrainerCallback):
 
 
 def common_args(args, output_dir):
-    return dict(
-        output_dir=output_dir,
-        max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=1e-3,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=args.device == "cpu",
-        seed=0,
-    )
+    return trainer_args(output_dir, args.warmup + args.steps, args.batch_size, learning_rate=1e-3, seed=0,
+                        device=args.device, logging_steps=10**6)
 
 
 def build(variant, args, tokenizer, dataset, output_dir):
