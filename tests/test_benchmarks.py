@@ -66,3 +66,44 @@ def test_dpo_vs_trl_worker(kind):
         assert math.isfinite(result[key]), key
     if kind == "distill":  # teacher_ref with no extra term is TRL's DPO with ref_model=teacher
         assert result["first_loss"] == pytest.approx(dpo_vs_trl.run_worker(args, "trl_teacher")["first_loss"])
+
+
+def test_gkd_divergences_smoke(tmp_path):
+    import gkd_divergences
+
+    results = gkd_divergences.main(["--runs", "trl:reverse_kl:steps=2", "ours:tvd:warm=1", "--steps", "1",
+                                    "--output-dir", str(tmp_path)])
+    assert [(r["trainer"], r["loss_type"], r["warm"], r["steps"]) for r in results] == [
+        ("trl", "reverse_kl", 0, 2), ("ours", "tvd", 1, 1)]
+    for r in results:
+        assert 0.0 <= r["exact_match"] <= 1.0 and 0.0 <= r["wrong_fraction"] <= 1.0
+        assert math.isfinite(r["last_loss"]) and math.isfinite(r["last_grad_norm"])
+    assert json.loads((tmp_path / "results.json").read_text())[0]["spec"] == "trl:reverse_kl:steps=2"
+    with pytest.raises(ValueError, match="TRL's GKDTrainer runs"):
+        gkd_divergences.parse_spec("trl:tvd", 10)
+    with pytest.raises(ValueError, match="options are warm=N and steps=N"):
+        gkd_divergences.parse_spec("ours:tvd:lr=3", 10)
+
+
+def test_okd_quality_smoke(tmp_path):
+    import okd_quality
+
+    okd_quality.main(["--steps", "2", "--eval-every", "1", "--batch-size", "4", "--alphas", "0.1", "0.5",
+                      "--threads", "1", "--output-dir", str(tmp_path), "--plot", ""])
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in summary["results"]] == ["sft", "kd", "okd_alpha0.1", "okd_alpha0.5"]
+    for r in summary["results"]:
+        assert [p["step"] for p in r["curve"]][-1] == 2
+    assert 0.0 <= summary["teacher_exact_match"] <= 1.0
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_okd_speed_smoke(tmp_path, sweep):
+    import okd_speed
+
+    output = tmp_path / "speed.json"
+    argv = ["--batch-size", "2", "--steps", "1", "--warmup", "1", "--threads", "1", "--output", str(output)]
+    if sweep:
+        argv += ["--completion-lengths", "2", "--rounds", "1", "--teacher-shape", "1x32", "--student-shape", "1x16"]
+    okd_speed.main(argv)
+    assert output.stat().st_size > 0
