@@ -212,6 +212,28 @@ def test_masked_teacher_logits_give_finite_losses():
         assert torch.isfinite(grad).all()
 
 
+def test_mode_seeking_gradients_vanish_on_a_confidently_wrong_student():
+    # Why reverse KL and TVD can stall from a fresh student (docs/losses.md, benchmarks/gkd_divergences.py): their
+    # gradient w.r.t. a logit is weighted by the student's own probability there, so a student sure of a wrong token
+    # (teacher's tail flat) gets almost none, while forward KL's `q - p` stays of order 1.
+    vocab = 8
+    teacher = torch.zeros(1, vocab, dtype=torch.float64)
+    teacher[0, 0] = 20.0  # sure of token 0, every other token equally unlikely
+    student = torch.zeros(1, vocab, dtype=torch.float64)
+    student[0, 3] = 20.0  # sure of token 3: confidently wrong
+    norms = {}
+    for loss_type in ("forward_kl", "reverse_kl", "tvd", "akl"):
+        wrong = student.clone().requires_grad_()
+        value = divergence(loss_type, wrong, teacher, **PARAMETERS.get(loss_type, {}))
+        (grad,) = torch.autograd.grad(value, wrong)
+        norms[loss_type] = (value.item(), grad.norm().item())
+    assert norms["forward_kl"][1] > 1.0
+    assert norms["reverse_kl"][0] > 19.0 and norms["reverse_kl"][1] < 1e-6  # loss near its maximum, no gradient
+    assert norms["tvd"][0] > 0.99 and norms["tvd"][1] < 1e-6
+    # AKL keeps half of forward KL's gradient here: head {0} and tail differ from the student equally (g_h = g_t)
+    assert norms["akl"][1] == pytest.approx(0.5 * norms["forward_kl"][1], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Top-k teacher + rest bucket
 # ---------------------------------------------------------------------------------------------------------------
