@@ -154,6 +154,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         summaries = [json.loads(Path(path).read_text()) for path in args.merge]
+        if len({summary["config"]["seed"] for summary in summaries}) > 1:
+            seeds_report(summaries, args.plot)
+            return
         results = [result for summary in summaries for result in summary["results"]]
         report(results, summaries[0]["teacher_exact_match"], args.plot)
         return
@@ -201,6 +204,59 @@ def report(results, teacher_exact, plot_path):
         alpha_table(okd)
     if plot_path:
         plot(results, teacher_exact, plot_path)
+
+
+def seeds_report(summaries, plot_path):
+    """Runs of several seeds (``--merge`` of their results.json): final exact match per seed and run, the mean, how
+    often each run beat SFT and frozen KD, and (unless `plot_path` is empty) the mean curve of each run with the range
+    over seeds."""
+    labels = list(dict.fromkeys(label_of(r) for summary in summaries for r in summary["results"]))
+    final = {}  # (seed, label) -> final exact match
+    curves = {label: [] for label in labels}
+    for summary in summaries:
+        for result in summary["results"]:
+            final[summary["config"]["seed"], label_of(result)] = result["student"]
+            curves[label_of(result)].append({p["step"]: p["student"] for p in result["curve"]})
+    seeds = sorted({seed for seed, _ in final})
+    print("\n| seed | " + " | ".join(labels) + " | teacher |")
+    print("|---" * (len(labels) + 2) + "|")
+    teachers = {summary["config"]["seed"]: summary["teacher_exact_match"] for summary in summaries}
+    for seed in seeds:
+        cells = [f"{final[seed, label]:.1%}" if (seed, label) in final else "-" for label in labels]
+        print(f"| {seed} | " + " | ".join(cells) + f" | {teachers[seed]:.1%} |")
+    means = [[final[s, label] for s in seeds if (s, label) in final] for label in labels]
+    print("| mean | " + " | ".join(f"{sum(v) / len(v):.1%}" for v in means) + " | |")
+    for label in labels:
+        for baseline in ("SFT only", "frozen-teacher KD (forward KL)"):
+            if label == baseline or not label.startswith("OKD") or baseline not in labels:
+                continue
+            pairs = [(final[s, label], final[s, baseline]) for s in seeds if (s, label) in final and (s, baseline) in final]
+            wins = sum(a > b for a, b in pairs)
+            gap = sum(a - b for a, b in pairs) / len(pairs)
+            print(f"{label} vs {baseline}: higher in {wins} of {len(pairs)} seeds, mean difference {100 * gap:+.1f} points")
+    if not plot_path:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label in labels:
+        steps = sorted(set.intersection(*(set(curve) for curve in curves[label])))
+        values = [[100 * curve[s] for curve in curves[label]] for s in steps]
+        line, = ax.plot(steps, [sum(v) / len(v) for v in values], marker="o", label=f"{label}, mean")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("optimizer step (batch 64)")
+    ax.set_ylabel("student exact match, 500 held-out problems (%)")
+    ax.set_title(f"mean over seeds {', '.join(map(str, seeds))} (band: min to max)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot_path, dpi=110)
+    print(f"wrote {plot_path}")
 
 
 def alpha_table(results):

@@ -85,7 +85,7 @@ def test_gkd_divergences_smoke(tmp_path):
         gkd_divergences.parse_spec("ours:tvd:lr=3", 10)
 
 
-def test_okd_quality_smoke(tmp_path):
+def test_okd_quality_smoke(tmp_path, capsys):
     import okd_quality
 
     okd_quality.main(["--steps", "2", "--eval-every", "1", "--batch-size", "4", "--alphas", "0.1", "0.5",
@@ -95,6 +95,15 @@ def test_okd_quality_smoke(tmp_path):
     for r in summary["results"]:
         assert [p["step"] for p in r["curve"]][-1] == 2
     assert 0.0 <= summary["teacher_exact_match"] <= 1.0
+
+    # --merge of several seeds: a per-seed table with the mean and win counts, and a mean-curve plot
+    other = tmp_path / "seed1.json"
+    other.write_text(json.dumps({**summary, "config": {**summary["config"], "seed": 1}}))
+    okd_quality.main(["--merge", str(tmp_path / "results.json"), str(other), "--plot", str(tmp_path / "seeds.png")])
+    printed = capsys.readouterr().out
+    assert "| seed | SFT only | frozen-teacher KD (forward KL) | OKD (alpha=0.1) | OKD (alpha=0.5) | teacher |" in printed
+    assert "| mean | " in printed and "OKD (alpha=0.1) vs SFT only: higher in 0 of 2 seeds" in printed
+    assert (tmp_path / "seeds.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("sweep", [False, True])
