@@ -17,11 +17,10 @@ The set-up makes N processes equal one process up to float rounding, so any larg
 - Plain SGD, no gradient clipping: a parameter's change is linear in its gradient, so a gradient scaled wrongly
   across processes shows up 1:1 (Adam's normalisation would all but hide a factor of N).
 - No dropout and no sampling (GKD's `lmbda=0`; DistillDPO without student generations).
-- The SFT data (GKD, OKD) and REDI's pairs put 3-digit answers on the first half of the rows and 2-digit ones on the
-  second, so the processes hold *different* numbers of completion tokens: what `average_tokens_across_devices`
-  must get right (GKD and OKD normalise by the global token count; REDI normalises per sequence). DistillDPO's CE/KL
-  terms and ADPO's anchor KL are token means per micro-batch, as TRL's DPO `sft` loss is, so their data has equal
-  completion lengths on every row (see docs/distributed.md).
+- Every trainer's data puts 3-digit answers on the first half of the rows and 2-digit ones on the second, so the
+  processes hold *different* numbers of completion tokens: what `average_tokens_across_devices` must get right
+  (GKD's and OKD's losses, DistillDPO's CE/KL terms and ADPO's anchor KL are divided by the global token count of the
+  step; REDI, DPO and ADPO's listwise loss are means per sequence or prompt).
 - Each process seeds torch differently before building its trainer, as a script with per-process randomness would:
   whatever DDP synchronises (the student) and what the trainers must synchronise themselves (OKD's freshly drawn
   teacher adapter) must not depend on it.
@@ -58,29 +57,11 @@ from trl_distill.testing import tiny_causal_lm  # noqa: E402
 TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "redi")
 
 
-def _digits(completion) -> int:
-    return len(completion[-1]["content"])
-
-
 def uneven_problems(n: int) -> list[tuple[int, int]]:
     """n problems: the first half with 3-digit sums, the second with 2-digit sums."""
     pool = addition.make_problems(200, seed=0)
     long, short = [p for p in pool if sum(p) >= 100], [p for p in pool if sum(p) < 100]
     return long[: n - n // 2] + short[: n // 2]
-
-
-def even_rows(dataset_fn, n: int, **kwargs):
-    """The first n rows of `dataset_fn` whose every completion has 3 digits (so every row has as many tokens)."""
-    rows = dataset_fn(addition.make_problems(200, seed=0), **kwargs).to_list()
-    keep = [
-        row for row in rows
-        if all(_digits(c) == 3 for c in row.get("completions", [row.get("chosen"), row.get("rejected")]))
-    ]
-    if len(keep) < n:
-        raise ValueError(f"only {len(keep)} rows with equal completion lengths")
-    from datasets import Dataset
-
-    return Dataset.from_list(keep[:n])
 
 
 def common_args(name: str, out_dir: str, per_device: int) -> dict:
@@ -138,7 +119,7 @@ def build(name: str, out_dir: str, global_batch: int, per_device: int):
             model=student,
             teacher_model=teacher,
             args=DistillDPOConfig(**args, mode="dckd", dpo_weight=1.0, teacher_top_k=5),
-            train_dataset=even_rows(addition.preference_dataset, global_batch),
+            train_dataset=addition.preference_dataset(uneven_problems(global_batch)),
             processing_class=tokenizer,
         )
     if name == "adpo":
@@ -146,7 +127,7 @@ def build(name: str, out_dir: str, global_batch: int, per_device: int):
             model=student,
             teacher_model=teacher,
             args=ADPOConfig(**args, anchor="teacher", anchor_kl_coef=0.1),
-            train_dataset=even_rows(addition.listwise_dataset, global_batch, k=3),
+            train_dataset=addition.listwise_dataset(uneven_problems(global_batch), k=3),
             processing_class=tokenizer,
         )
     if name == "redi":

@@ -365,6 +365,43 @@ class DistillTrainerMixin:
             p.grad = None
         return grad_norm
 
+    # ------------------------------------------------------------------ token-level terms of a whole optimizer step
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """`Trainer`'s count (of `labels`), plus this trainer's own token counts of the optimizer step, all processes.
+
+        `Trainer` gathers the micro-batches of one optimizer step here before training on them, so this is the one
+        place that knows how many tokens the step's token-level terms average over (SPEC: sum over completion
+        tokens, divided by the completion tokens of the whole gradient-accumulated, all-process batch)."""
+        counts = self._count_step_tokens(batch_samples)
+        self._step_tokens = None
+        if counts:
+            names = sorted(counts)
+            stacked = torch.stack([torch.as_tensor(counts[name], dtype=torch.float32) for name in names]).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                stacked = self.accelerator.reduce(stacked, reduction="sum")
+            self._step_tokens = (self.state.global_step, dict(zip(names, stacked, strict=True)))
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _count_step_tokens(self, batch_samples: list) -> dict[str, torch.Tensor] | None:
+        """Hook: this process's token count of each group of token-level terms (e.g. `"chosen"`) over the collated
+        micro-batches of one optimizer step. None (the default): the trainer has no such terms."""
+        return None
+
+    def _token_mean(self, total: torch.Tensor, group: str, local_count) -> torch.Tensor:
+        """A token-level term from `total`, its sum over this micro-batch's `local_count` tokens of `group`.
+
+        Training: `total` over the tokens of `group` in the whole optimizer step (all micro-batches, all processes
+        with `average_tokens_across_devices`), times the accumulation steps and the processes, because `Trainer`
+        divides each micro-batch's loss by the former and DDP averages over the latter. So 2 x 4 accumulated equals
+        a batch of 8, and 2 processes equal 1, whatever the completion lengths. Otherwise (evaluation, or a call
+        outside `train()`): the mean over this micro-batch's tokens."""
+        step = getattr(self, "_step_tokens", None)
+        if not self.model.training or step is None or step[0] != self.state.global_step:
+            return total / max(float(local_count), 1.0)
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return total * (accumulation * processes) / step[1][group].clamp(min=1).to(total.device)
+
     def _log_num_tokens(self, inputs: dict[str, torch.Tensor], mode: str) -> None:
         """TRL's `num_tokens` metric (tokens seen in training, all processes), for trainers whose `compute_loss`
         replaces the TRL one that logs it."""

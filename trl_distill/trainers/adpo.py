@@ -692,6 +692,11 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
                 dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length, **filter_kwargs)
         return dataset
 
+    def _count_step_tokens(self, batch_samples):
+        if not self.args.anchor_kl_coef:
+            return None
+        return {"completions": sum(batch["completion_mask"][:, 1:].sum() for batch in batch_samples)}
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "rewards"]
@@ -718,8 +723,11 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
         # k3 estimate of KL(policy || anchor) per completion token: exp(a - l) - (a - l) - 1 >= 0.
         diff = (anchor_token_logps - token_logps) * shift_mask
         token_count = shift_mask.sum().clamp(min=1)
-        anchor_kl = ((torch.exp(diff) - diff - 1) * shift_mask).sum() / token_count
-        loss = listwise + self.args.anchor_kl_coef * anchor_kl if self.args.anchor_kl_coef else listwise
+        anchor_kl_total = ((torch.exp(diff) - diff - 1) * shift_mask).sum()
+        anchor_kl = anchor_kl_total / token_count  # logged: this micro-batch's mean
+        loss = listwise
+        if self.args.anchor_kl_coef:  # trained: its share of the mean over the whole step's completion tokens
+            loss = loss + self.args.anchor_kl_coef * self._token_mean(anchor_kl_total, "completions", token_count)
         self._watch_terms({"policy log-probs": logps, "anchor log-probs": anchor_logps, "listwise loss": listwise,
                            "anchor_kl": anchor_kl})
 

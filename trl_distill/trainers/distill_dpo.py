@@ -198,10 +198,12 @@ def adpa_advantage_term(
     reference_logits: torch.Tensor,
     top_k: int,
     advantage_clamp: list[float] | tuple[float, float] | None = None,
+    num_items: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ADPA's advantage term on `[N, V]` logits of N response positions (arXiv 2502.17927, SPEC section 5).
 
-    Returns `(loss, mean_advantage)` with `loss = -(1/N) sum_t sum_{a in top-k} q(a|s_t) A(s_t, a)`, where
+    Returns `(loss, mean_advantage)` with `loss = -(1/n) sum_t sum_{a in top-k} q(a|s_t) A(s_t, a)`, `n = num_items`
+    when given (e.g. 1 for the sum), else N; where
     `A = log pi_aligned(a|s_t) - log pi_ref(a|s_t)`, the actions `a` are the aligned teacher's top-k tokens and `q` is
     the student's full softmax. Gradients flow into `student_logits` only.
     """
@@ -213,7 +215,8 @@ def adpa_advantage_term(
     student_probs = student_logits.float().softmax(-1).gather(-1, aligned.ids)
     if student_probs.shape[0] == 0:  # no response token in this batch: contribute an exact zero, keep the graph
         return student_logits.sum() * 0.0, advantage.sum() * 0.0
-    return -(student_probs * advantage).sum(-1).mean(), advantage.mean()
+    denominator = student_probs.shape[0] if num_items is None else num_items
+    return -(student_probs * advantage).sum() / denominator, advantage.mean()
 
 
 class _FirstBackboneOutput(contextlib.AbstractContextManager):
@@ -386,9 +389,12 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
             student_hidden = student_out.hidden[:, -input_ids.size(1):]
             student_logits = _logits_at(student, student_hidden, positions)
 
+        # Token-level terms: logged as this micro-batch's means; trained as shares of the whole step's means.
+        n_chosen, n_rejected = int(is_chosen.sum()), int((~is_chosen).sum())
         if args.sft_weight:
-            terms["sft_loss"] = F.cross_entropy(student_logits[is_chosen].float(), targets[is_chosen])
-            loss = loss + args.sft_weight * terms["sft_loss"]
+            total = F.cross_entropy(student_logits[is_chosen].float(), targets[is_chosen], reduction="sum")
+            terms["sft_loss"] = total.detach() / max(n_chosen, 1)
+            loss = loss + args.sft_weight * self._token_mean(total, "chosen", n_chosen)
 
         if uses_teacher_on_batch:
             with torch.no_grad():
@@ -397,15 +403,17 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
                     teacher_hidden = backbone_hidden_states(self.teacher_model, input_ids, attention_mask)
                 teacher_logits = _logits_at(self.teacher_model, teacher_hidden, positions, columns)
                 teacher_logits = teacher_logits.to(student_logits.device)
-            for name, weight, rows in (
-                ("kl_chosen", args.chosen_kd_weight, is_chosen),
-                ("kl_rejected", args.rejected_kd_weight, ~is_chosen),
+            for name, weight, rows, group, count in (
+                ("kl_chosen", args.chosen_kd_weight, is_chosen, "chosen", n_chosen),
+                ("kl_rejected", args.rejected_kd_weight, ~is_chosen, "rejected", n_rejected),
             ):
                 if weight:
-                    terms[name] = losses.forward_kl(
-                        student_logits[rows, :columns], teacher_logits[rows], teacher_top_k=args.teacher_top_k
+                    total = losses.forward_kl(
+                        student_logits[rows, :columns], teacher_logits[rows], teacher_top_k=args.teacher_top_k,
+                        num_items=1,
                     )
-                    loss = loss + weight * terms[name]
+                    terms[name] = total.detach() / max(count, 1)
+                    loss = loss + weight * self._token_mean(total, group, count)
 
         if args.adpa_weight:
             if uses_rejected_adpa:
@@ -414,17 +422,23 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
                         self.teacher_model, input_ids[half:], attention_mask[half:]
                     )
                     reference_logits = _logits_at(self.teacher_model, reference_hidden, positions[half:], columns)
-                adpa_loss, advantage = adpa_advantage_term(
+                adpa_total, advantage = adpa_advantage_term(
                     student_logits[~is_chosen, :columns],
                     teacher_logits[~is_chosen],
                     reference_logits.to(student_logits.device),
                     args.teacher_top_k,
                     args.advantage_clamp,
+                    num_items=1,
                 )
+                terms["adpa_loss"] = adpa_total.detach() / max(n_rejected, 1)
+                adpa_loss = self._token_mean(adpa_total, "rejected", n_rejected)
             else:
+                # The student's responses exist only once it has generated them, micro-batch by micro-batch, so
+                # this term is the mean over each micro-batch's response tokens (no whole-step count to divide by).
                 adpa_loss, advantage, response_length = self._adpa_on_student_responses(model, student, inputs)
                 terms["adpa_response_length"] = response_length
-            terms["adpa_loss"], terms["advantage"] = adpa_loss, advantage.detach()
+                terms["adpa_loss"] = adpa_loss.detach()
+            terms["advantage"] = advantage.detach()
             loss = loss + args.adpa_weight * adpa_loss
 
         for name, value in terms.items():
@@ -433,6 +447,16 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
         self._watch_terms(terms)
         loss = self._check_finite(loss, model, name="DistillDPO loss")
         return (loss, outputs) if return_outputs else loss
+
+    def _count_step_tokens(self, batch_samples):
+        if not self._adds_distillation_terms:
+            return None  # teacher_ref alone: TRL's DPO loss, untouched
+        chosen = rejected = 0
+        for batch in batch_samples:
+            positions = batch["completion_mask"][:, 1:]  # position t predicts completion token t+1
+            half = positions.size(0) // 2  # [chosen; rejected]
+            chosen, rejected = chosen + positions[:half].sum(), rejected + positions[half:].sum()
+        return {"chosen": chosen, "rejected": rejected}
 
     def _adpa_on_student_responses(self, model, student, inputs):
         """ADPA's term on the student's own greedy responses to the batch's prompts (the paper's setting)."""
