@@ -118,6 +118,15 @@ def test_alpha_zero_gives_the_teacher_plain_cross_entropy_gradients(tmp_path, st
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_the_two_optimizers_hold_disjoint_parameter_sets(tmp_path, student, teacher, tokenizer, problems):
+    trainer = _okd(tmp_path, student, teacher, tokenizer, problems, max_steps=1)
+    trainer.train()
+    in_optimizer = lambda optimizer: {id(p) for group in optimizer.param_groups for p in group["params"]}  # noqa: E731
+    assert in_optimizer(trainer.optimizer) == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert in_optimizer(trainer.teacher_optimizer) == {id(p) for _, p in trainer.teacher_parameters}
+    assert not in_optimizer(trainer.optimizer) & in_optimizer(trainer.teacher_optimizer)
+
+
 def test_training_updates_the_adapter_never_the_teacher_base(tmp_path, student, teacher, tokenizer, problems):
     trainer = _okd(tmp_path, student, teacher, tokenizer, problems, max_steps=3, learning_rate=1e-2,
                    eval_dataset=sft_dataset(problems[:8]))
