@@ -102,6 +102,7 @@ def run_one(run: dict, seed: int, output_root: Path) -> dict:
     student = tiny_student(tokenizer, seed=seed)
     name = run["spec"].replace(":", "_").replace("=", "")
     start = time.time()
+    warm_exact_match = None
     if run["warm"]:
         config = training_config(GKDVariantConfig, str(output_root / f"{name}_warm"), run["warm"], seed,
                                  loss_type="forward_kl", lr_scheduler_type="constant", warmup_steps=0)
@@ -109,6 +110,7 @@ def run_one(run: dict, seed: int, output_root: Path) -> dict:
                           processing_class=tokenizer)
         warm.train()
         student = warm.model
+        warm_exact_match = exact_match(student, tokenizer, eval_problems)
     if run["trainer"] == "trl":
         config = training_config(GKDConfig, str(output_root / name), run["steps"], seed,
                                  beta=TRL_BETA[run["loss_type"]])
@@ -125,6 +127,7 @@ def run_one(run: dict, seed: int, output_root: Path) -> dict:
     return {
         **run,
         "exact_match": exact_match(trainer.model, tokenizer, eval_problems),
+        "warm_exact_match": warm_exact_match,
         "last_loss": logs[-1]["loss"] if logs else float("nan"),
         "last_grad_norm": logs[-1]["grad_norm"] if logs else float("nan"),
         "losses": [(entry["step"], entry["loss"]) for entry in logs],
@@ -141,7 +144,7 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        steps = f"{r['warm']} + {r['steps']}" if r["warm"] else str(r["steps"])
+        steps = f"{r['warm']} (exact match {r['warm_exact_match']:.1%}) + {r['steps']}" if r["warm"] else str(r["steps"])
         top = f"{r['top_prob_where_wrong']:.3f}" if "top_prob_where_wrong" in r else "-"
         right = f"{r['right_prob_where_wrong']:.2g}" if "right_prob_where_wrong" in r else "-"
         lines.append(f"| `{r['spec']}` | {steps} | {r['exact_match']:.1%} | {r['last_loss']:.3f} | "

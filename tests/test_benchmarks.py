@@ -73,6 +73,7 @@ def test_gkd_divergences_smoke(tmp_path):
 
     results = gkd_divergences.main(["--runs", "trl:reverse_kl:steps=2", "ours:tvd:warm=1", "--steps", "1",
                                     "--output-dir", str(tmp_path)])
+    assert results[1]["warm_exact_match"] is not None and results[0]["warm_exact_match"] is None
     assert [(r["trainer"], r["loss_type"], r["warm"], r["steps"]) for r in results] == [
         ("trl", "reverse_kl", 0, 2), ("ours", "tvd", 1, 1)]
     for r in results:
@@ -102,7 +103,7 @@ def test_okd_quality_smoke(tmp_path, capsys):
     okd_quality.main(["--merge", str(tmp_path / "results.json"), str(other), "--plot", str(tmp_path / "seeds.png")])
     printed = capsys.readouterr().out
     assert "| seed | SFT only | frozen-teacher KD (forward KL) | OKD (alpha=0.1) | OKD (alpha=0.5) | teacher |" in printed
-    assert "| mean | " in printed and "OKD (alpha=0.1) vs SFT only: higher in 0 of 2 seeds" in printed
+    assert "| mean | " in printed and "| median | " in printed and "OKD (alpha=0.1) vs SFT only: higher in 0 of 2 seeds" in printed
     assert (tmp_path / "seeds.png").stat().st_size > 0
 
 
