@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -226,6 +227,7 @@ def seeds_report(summaries, plot_path):
         print(f"| {seed} | " + " | ".join(cells) + f" | {teachers[seed]:.1%} |")
     means = [[final[s, label] for s in seeds if (s, label) in final] for label in labels]
     print("| mean | " + " | ".join(f"{sum(v) / len(v):.1%}" for v in means) + " | |")
+    print("| median | " + " | ".join(f"{statistics.median(v):.1%}" for v in means) + " | |")
     for label in labels:
         for baseline in ("SFT only", "frozen-teacher KD (forward KL)"):
             if label == baseline or not label.startswith("OKD") or baseline not in labels:
