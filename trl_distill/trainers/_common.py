@@ -338,11 +338,13 @@ class DistillTrainerMixin:
             return grad_norm
         skipping = getattr(self.args, "on_nonfinite", "raise") == "skip"
         student_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
-        extra = [p for p in self._extra_trainable_parameters() if p.grad is not None]
-        # extra parameters (OKD's teacher adapter) are not DDP-wrapped: agree across processes before acting
-        extra_bad = torch.tensor(float(any(not torch.isfinite(p.grad).all() for p in extra)),
-                                 device=self.accelerator.device)
-        extra_finite = self.accelerator.reduce(extra_bad, reduction="sum").item() == 0
+        extra_finite = True
+        if self._extra_trainable_parameters():  # the same list on every process, so all of them reduce or none
+            # extra parameters (OKD's teacher adapter) are not DDP-wrapped: agree across processes before acting
+            grads = [p.grad for p in self._extra_trainable_parameters() if p.grad is not None]
+            extra_bad = torch.tensor(float(any(not torch.isfinite(g).all() for g in grads)),
+                                     device=self.accelerator.device)
+            extra_finite = self.accelerator.reduce(extra_bad, reduction="sum").item() == 0
         finite = student_finite and extra_finite
         if skipping:
             self._metrics["train"]["nonfinite_grad_skipped"].append(0.0 if finite else 1.0)
