@@ -189,6 +189,22 @@ def test_check_4bit_supported_without_bitsandbytes(monkeypatch, tmp_path):
         load_teacher(tmp_path / "no-such-model", quantization="4bit", name="my-teacher")
 
 
+def test_4bit_under_deepspeed_zero3_is_refused_before_loading(tmp_path):
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers' own switch: ZeRO-3 counts as enabled while this object lives (as the Trainer holds it)
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        with pytest.raises(ValueError, match="my-teacher.*in 4-bit under DeepSpeed ZeRO-3. Use ZeRO-2 or DDP"):
+            load_teacher(tmp_path / "no-such-model", quantization="4bit", name="my-teacher")
+    finally:
+        del zero3
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()  # nothing leaks into the other tests
+
+
 def test_check_4bit_supported_broken_backend(monkeypatch):
     monkeypatch.setattr(teacher_module, "_PROBED_4BIT", set())
     monkeypatch.setattr(bnb, "supported_torch_devices", {"cuda"})

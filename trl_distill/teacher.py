@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
@@ -139,6 +140,15 @@ def check_4bit_supported(device: DeviceLike = None, *, model_name: str = "teache
     """
     resolved = _resolve_device(device)
     advice = f"or load {model_name} without quantization."
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # transformers refuses the per-process `device_map` a 4-bit load needs under ZeRO-3, which would shard the
+        # model instead; ZeRO-3 cannot shard bitsandbytes' packed weights either.
+        raise ValueError(
+            f"Cannot load {model_name} in 4-bit under DeepSpeed ZeRO-3. Use ZeRO-2 or DDP with the 4-bit teacher "
+            "(one nf4 copy per process), or an unquantized (bf16) teacher that ZeRO-3 shards."
+        )
     try:
         import bitsandbytes as bnb
     except Exception as exc:  # ImportError, or a broken build failing while it loads its native library
@@ -217,7 +227,13 @@ def _is_peft(model: Any) -> bool:
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM inside `model`: itself, or the one a PeftModel wraps (LoRA-style adapters are
-    injected into its layers in place, so running it still applies them)."""
+    injected into its layers in place, so running it still applies them), looking through distributed wrappers.
+
+    A wrapper (DDP, DeepSpeed's engine: TRL's `prepare_deepspeed` returns one for a teacher or reference) keeps the
+    model in `.module`, and its own attributes are not the model's (a DeepSpeed engine's `config` is the DeepSpeed
+    dict). ZeRO-3 gathers sharded weights through hooks on the submodules, so running the inner modules still
+    gathers them."""
+    model = extract_model_from_parallel(model)
     if not _is_peft(model):
         return model
     if model.active_peft_config.is_prompt_learning:

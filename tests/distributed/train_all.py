@@ -28,6 +28,7 @@ The set-up makes N processes equal one process up to float rounding, so any larg
 `okd_4bit` is OKD with `teacher_quantization="4bit"` on an in-memory teacher: every process makes its own nf4 copy.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -143,10 +144,19 @@ def build(name: str, out_dir: str, global_batch: int, per_device: int):
 def trainable(trainer) -> dict[str, torch.Tensor]:
     """Every trainable parameter, by name: the student's, and the teacher's online module (OKD)."""
     student = trainer.accelerator.unwrap_model(trainer.model)
-    params = {f"student.{n}": p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-    for n, p in getattr(trainer, "teacher_parameters", []):
-        params[f"teacher.{n}"] = p.detach().clone()
-    return params
+    named = [(f"student.{n}", p) for n, p in student.named_parameters() if p.requires_grad]
+    named += [(f"teacher.{n}", p) for n, p in getattr(trainer, "teacher_parameters", [])]
+    with gathered([p for _, p in named]):
+        return {n: p.detach().clone() for n, p in named}
+
+
+def gathered(params):
+    """Whole parameters to read: ZeRO-3 keeps only each process's shard of a parameter (a no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
 
 
 def main() -> None:

@@ -260,20 +260,28 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
         teacher_hidden = teacher_hidden.to(student_hidden.device)
         self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
-        return losses.chunked_divergence(
-            self.args.loss_type,
-            student_hidden,
-            student_head.weight[:columns],
-            teacher_hidden,
-            teacher_head.weight[:columns].to(student_hidden.device),
-            student_bias=None if student_head.bias is None else student_head.bias[:columns],
-            teacher_bias=None if teacher_head.bias is None else teacher_head.bias[:columns],
-            mask=mask,
-            num_items=num_items_in_batch,
-            chunk_size=self.args.loss_chunk_size,
-            return_stats=True,
-            **self._loss_kwargs(),
-        )
+
+        def chunked_loss():
+            return losses.chunked_divergence(
+                self.args.loss_type,
+                student_hidden,
+                student_head.weight[:columns],
+                teacher_hidden,
+                teacher_head.weight[:columns].to(student_hidden.device),
+                student_bias=None if student_head.bias is None else student_head.bias[:columns],
+                teacher_bias=None if teacher_head.bias is None else teacher_head.bias[:columns],
+                mask=mask,
+                num_items=num_items_in_batch,
+                chunk_size=self.args.loss_chunk_size,
+                return_stats=True,
+                **self._loss_kwargs(),
+            )
+
+        # Under DeepSpeed ZeRO-3 a head's weight is a shard outside the head's own forward: run the loss as the
+        # forward of both heads (TRL's forward redirection, nested), so ZeRO-3's hooks gather both weights here and
+        # the student's again for its gradient in backward. Without ZeRO-3 this is a plain call.
+        redirect = self._forward_redirection
+        return redirect(teacher_head, teacher_head, redirect, student_head, student_head, chunked_loss)
 
     def _dense_loss(self, model, inputs, num_items_in_batch):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}

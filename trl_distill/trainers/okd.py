@@ -460,8 +460,20 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
             )[:, :-1]
         teacher_hidden = teacher_hidden.to(student_hidden.device)
         self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
-        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
         student_head, teacher_head = output_head(student), output_head(self.teacher_model)
+        # Under DeepSpeed ZeRO-3 a head's weight is a shard outside the head's own forward: run the losses as the
+        # forward of both heads (TRL's forward redirection, nested), so ZeRO-3's hooks gather the weights here and
+        # the student's again for its gradient in backward. Without ZeRO-3 this is a plain call.
+        redirect = self._forward_redirection
+        return redirect(
+            teacher_head, teacher_head, redirect, student_head, student_head, self._head_losses,
+            student_head, teacher_head, student_hidden, teacher_hidden, labels, num_items_in_batch,
+        )
+
+    def _head_losses(self, student_head, teacher_head, student_hidden, teacher_hidden, labels, num_items_in_batch):
+        """`_okd_loss`'s losses and statistics from the two backbones' hidden states and the two output heads."""
+        mask = labels != -100
+        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
         student_weight = student_head.weight[:columns]
         student_bias = None if student_head.bias is None else student_head.bias[:columns]
         teacher_weight = teacher_head.weight[:columns].to(student_hidden.device)
