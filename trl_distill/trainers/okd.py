@@ -221,7 +221,8 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
     `resume_from_checkpoint` continues exactly; `save_model` writes the student and `teacher_adapter/` beside it.
 
     Limits: a trainable teacher is not wrapped in DDP; under several processes its (small) adapter gradients are
-    averaged across processes by hand before each step. DeepSpeed and FSDP are not supported for the teacher.
+    averaged across processes by hand before each step. Under DeepSpeed (ZeRO-2/3) the teacher stays outside the
+    engine in the same way; FSDP is not supported for the teacher.
     """
 
     _tag_names = ["trl", "trl-distill", "okd"]
