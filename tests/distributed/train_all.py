@@ -28,7 +28,6 @@ The set-up makes N processes equal one process up to float rounding, so any larg
 `okd_4bit` is OKD with `teacher_quantization="4bit"` on an in-memory teacher: every process makes its own nf4 copy.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -54,6 +53,7 @@ from trl_distill import (  # noqa: E402
 )
 from trl_distill import addition  # noqa: E402
 from trl_distill.testing import tiny_causal_lm  # noqa: E402
+from trl_distill.trainers._common import gathered_parameters  # noqa: E402
 
 TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "redi")
 
@@ -88,11 +88,12 @@ def common_args(name: str, out_dir: str, per_device: int) -> dict:
     )
 
 
-def build(name: str, out_dir: str, global_batch: int, per_device: int):
+def build(name: str, out_dir: str, global_batch: int, per_device: int, **overrides):
+    """Trainer `name` on its global batch; `overrides` replace `common_args` fields (tests/distributed/resume_all.py)."""
     tokenizer = addition.make_tokenizer()
     student = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=2)
     teacher = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1)
-    args = common_args(name, out_dir, per_device)
+    args = {**common_args(name, out_dir, per_device), **overrides}
     if name == "gkd":
         return GKDVariant(
             model=student,
@@ -131,6 +132,13 @@ def build(name: str, out_dir: str, global_batch: int, per_device: int):
             train_dataset=addition.listwise_dataset(uneven_problems(global_batch), k=3),
             processing_class=tokenizer,
         )
+    if name == "adpo_ema":  # a full-model moving anchor: a second model that checkpoints must carry
+        return ADPOTrainer(
+            model=student,
+            args=ADPOConfig(**args, anchor="ema", ema_decay=0.5, anchor_kl_coef=0.1),
+            train_dataset=addition.listwise_dataset(uneven_problems(global_batch), k=3),
+            processing_class=tokenizer,
+        )
     if name == "redi":
         return REDITrainer(
             model=student,
@@ -146,17 +154,8 @@ def trainable(trainer) -> dict[str, torch.Tensor]:
     student = trainer.accelerator.unwrap_model(trainer.model)
     named = [(f"student.{n}", p) for n, p in student.named_parameters() if p.requires_grad]
     named += [(f"teacher.{n}", p) for n, p in getattr(trainer, "teacher_parameters", [])]
-    with gathered([p for _, p in named]):
+    with gathered_parameters([p for _, p in named]):  # ZeRO-3 keeps only each process's shard of a parameter
         return {n: p.detach().clone() for n, p in named}
-
-
-def gathered(params):
-    """Whole parameters to read: ZeRO-3 keeps only each process's shard of a parameter (a no-op otherwise)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params)
-    return contextlib.nullcontext()
 
 
 def main() -> None:

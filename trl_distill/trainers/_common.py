@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -126,6 +127,17 @@ def checkpoints(output_dir: str) -> list[str]:
         if (match := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))
     ]
     return [path for _, path in sorted(found)]
+
+
+def gathered_parameters(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """A context in which DeepSpeed ZeRO-3 parameters hold their whole values (each process otherwise keeps a shard);
+    changes made on process `modifier_rank` are sharded back out on exit. Every process must enter it. A no-op
+    context for parameters ZeRO-3 does not manage."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -283,11 +295,20 @@ class DistillTrainerMixin:
             )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The one resume hook `Trainer` calls in every set-up: under DeepSpeed it skips `_load_from_checkpoint` (the
+        # engine loads the model itself), so state a trainer keeps beside the model is restored from here.
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = None if checkpoint is None else os.path.join(checkpoint, NUM_TOKENS_NAME)
-        if path is not None and os.path.isfile(path) and hasattr(self, "_total_train_tokens"):
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, NUM_TOKENS_NAME)
+        if os.path.isfile(path) and hasattr(self, "_total_train_tokens"):
             with open(path, encoding="utf-8") as f:
                 self._total_train_tokens = int(json.load(f)["num_tokens"])
+        self._load_extra_state(checkpoint)
+
+    def _load_extra_state(self, checkpoint: str) -> None:
+        """Restore what a trainer saves beside the model and the optimizer (OKD: the teacher adapter, its optimizer
+        and scheduler; ADPO: a full-model moving anchor) when resuming from `checkpoint`, with or without DeepSpeed."""
 
     def _save_extra(self, output_dir: str) -> None:
         """Files a trainer saves next to the model (OKD: `teacher_adapter/`); written into the staging folder."""

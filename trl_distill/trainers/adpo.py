@@ -43,7 +43,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
-from ._common import DistillArguments, DistillTrainerMixin
+from ._common import DistillArguments, DistillTrainerMixin, gathered_parameters
 from ._dpo import completion_token_logps
 from ..teacher import (
     backbone_hidden_states,
@@ -613,26 +613,30 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self._has_moving_anchor_model() and self.args.should_save:
+        if self._has_moving_anchor_model():
             from safetensors.torch import save_model
 
-            save_model(self.accelerator.unwrap_model(self.ref_model), os.path.join(output_dir, ANCHOR_WEIGHTS_NAME))
+            anchor = self.accelerator.unwrap_model(self.ref_model)
+            with gathered_parameters(list(anchor.parameters())):  # whole weights under ZeRO-3 (every process enters)
+                if self.args.should_save:
+                    save_model(anchor, os.path.join(output_dir, ANCHOR_WEIGHTS_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _load_extra_state(self, checkpoint: str) -> None:
         if not self._has_moving_anchor_model():
             return
-        path = os.path.join(resume_from_checkpoint, ANCHOR_WEIGHTS_NAME)
+        path = os.path.join(checkpoint, ANCHOR_WEIGHTS_NAME)
         if not os.path.isfile(path):  # e.g. `save_only_model`: like the optimizer, the anchor then starts over
             logger.warning(
-                f"{resume_from_checkpoint} has no {ANCHOR_WEIGHTS_NAME}: the {self.args.anchor} anchor restarts from "
+                f"{checkpoint} has no {ANCHOR_WEIGHTS_NAME}: the {self.args.anchor} anchor restarts from "
                 "the policy as it was at construction."
             )
             return
         from safetensors.torch import load_model
 
         anchor = self.accelerator.unwrap_model(self.ref_model)
-        load_model(anchor, path, device=str(next(anchor.parameters()).device))
+        # under ZeRO-3: load into the whole weights; process 0's values are sharded back out to every process
+        with gathered_parameters(list(anchor.parameters()), modifier_rank=0):
+            load_model(anchor, path, device=str(next(anchor.parameters()).device))
 
     def _anchor_token_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Per-token log-probs `[N, seq_len]` of the completion tokens under the anchor (0 elsewhere), no grad."""

@@ -568,14 +568,13 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
             torch.save(self.teacher_optimizer.state_dict(), os.path.join(output_dir, TEACHER_OPTIMIZER_NAME))
             torch.save(self.teacher_lr_scheduler.state_dict(), os.path.join(output_dir, TEACHER_SCHEDULER_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _load_extra_state(self, checkpoint: str) -> None:
         if not self.online:
             return
-        adapter_dir = os.path.join(resume_from_checkpoint, TEACHER_ADAPTER_DIR)
+        adapter_dir = os.path.join(checkpoint, TEACHER_ADAPTER_DIR)
         if not os.path.isdir(adapter_dir):
             raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {TEACHER_ADAPTER_DIR}/: it was not written by an online OKDTrainer."
+                f"{checkpoint} has no {TEACHER_ADAPTER_DIR}/: it was not written by an online OKDTrainer."
             )
         from peft import load_peft_weights, set_peft_model_state_dict
 
@@ -586,14 +585,9 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         if missing:
             raise ValueError(f"{adapter_dir} does not match the teacher's online module; missing {missing[:3]} ...")
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self.online:
-            return
         optimizer_file = os.path.join(checkpoint, TEACHER_OPTIMIZER_NAME)
         scheduler_file = os.path.join(checkpoint, TEACHER_SCHEDULER_NAME)
         if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
             return  # like Trainer: a checkpoint saved with `save_only_model` resumes with fresh optimizer states
-        device = next(p.device for _, p in self.teacher_parameters)
         self.teacher_optimizer.load_state_dict(torch.load(optimizer_file, map_location=device, weights_only=True))
         self.teacher_lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
