@@ -219,16 +219,16 @@ def test_deepspeed_two_processes_train_like_one(deepspeed_run, name):
     _assert_close_by_group(tensors["final"], one_tensors["final"], one_tensors["deltas"], f"ZeRO-{stage} final")
 
 
-# ----------------------------------------------------------------------------------- checkpoint/resume under ZeRO-3
+# ------------------------------------------------------------------------------ checkpoint/resume under ZeRO-2 and -3
 RESUME_ALL = ROOT / "tests" / "distributed" / "resume_all.py"
 RESUMED = ("gkd", "okd", "distill_dpo", "adpo_ema", "redi")
 
 
-@pytest.fixture(scope="module")
-def zero3_resume(tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def deepspeed_resume(request, tmp_path_factory):
     pytest.importorskip("deepspeed")
-    folder = tmp_path_factory.mktemp("zero3_resume")
-    config = _cpu_deepspeed_config(3, folder)
+    folder = tmp_path_factory.mktemp(f"zero{request.param}_resume")
+    config = _cpu_deepspeed_config(request.param, folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for phase in ("straight", "first", "resumed"):
         command = [
@@ -238,20 +238,21 @@ def zero3_resume(tmp_path_factory):
         ]  # fmt: skip
         result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
         if result.returncode != 0:
-            pytest.fail(f"ZeRO-3 {phase} launch failed ({result.returncode}):\n{result.stderr[-6000:]}")
+            pytest.fail(f"ZeRO-{request.param} {phase} launch failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return folder
 
 
 @pytest.mark.parametrize("name", RESUMED)
-def test_zero3_resume_continues_exactly(zero3_resume, name):
+def test_deepspeed_resume_continues_exactly(deepspeed_resume, name):
     # 4 steps straight vs 2 steps, stop, resume to 4 (AdamW, linear schedule): the same losses and weights, bit for
     # bit. Found by a run of this script (ZeRO-2, OKD: off by 3e-2): under DeepSpeed, OKD's teacher adapter and ADPO's
     # EMA anchor were not restored, because Trainer skips `_load_from_checkpoint` there. ADPO's anchor is also saved
     # and loaded whole under ZeRO-3 now (each process holds a shard of it).
-    straight = torch.load(zero3_resume / f"{name}.straight.pt")
-    resumed = torch.load(zero3_resume / f"{name}.resumed.pt")
-    assert json.loads((zero3_resume / f"{name}.resumed.json").read_text()) == json.loads(
-        (zero3_resume / f"{name}.straight.json").read_text())
+    folder = deepspeed_resume
+    straight = torch.load(folder / f"{name}.straight.pt")
+    resumed = torch.load(folder / f"{name}.resumed.pt")
+    assert json.loads((folder / f"{name}.resumed.json").read_text()) == json.loads(
+        (folder / f"{name}.straight.json").read_text())
     assert straight.keys() == resumed.keys()
     for n in straight:
         assert torch.equal(resumed[n], straight[n]), n

@@ -1,4 +1,4 @@
-"""Checkpoint and resume under `accelerate launch` (tests/test_distributed.py runs it under DeepSpeed ZeRO-3).
+"""Checkpoint and resume under `accelerate launch` (tests/test_distributed.py runs it under DeepSpeed ZeRO-2 and -3).
 
     accelerate launch ... resume_all.py OUT_DIR PHASE NAME [NAME ...]
 
