@@ -127,6 +127,17 @@ def _assert_close_by_group(got: dict, want: dict, scale: dict, what: str) -> Non
             assert error <= RTOL * largest, f"{what} {n}: off by {error:.3g} (largest change {largest:.3g})"
 
 
+def _assert_two_match_one(ranks: list, one: dict, one_tensors: dict, what: str) -> None:
+    """The 2 processes end bit-identical, and match the 1-process run in losses, changes and final weights."""
+    (_, rank0), (_, rank1) = ranks
+    for n in rank0["final"]:
+        assert torch.equal(rank0["final"][n], rank1["final"][n]), f"processes disagree on {n}"
+    facts, tensors = ranks[0]
+    torch.testing.assert_close(facts["losses"], one["losses"], rtol=RTOL, atol=1e-7)
+    _assert_close_by_group(tensors["deltas"], one_tensors["deltas"], one_tensors["deltas"], f"{what}change of")
+    _assert_close_by_group(tensors["final"], one_tensors["final"], one_tensors["deltas"], f"{what}final")
+
+
 @pytest.mark.parametrize("name", TRAINERS)
 def test_two_cpu_processes_train_like_one(runs, name):
     one, one_tensors = _result(runs, "one", name, 0)
@@ -145,16 +156,9 @@ def test_two_cpu_processes_train_like_one(runs, name):
 
     # Both processes hold the same weights after training, bit for bit (the student through DDP; OKD's teacher
     # adapter through its broadcast at init and its hand-averaged gradients).
-    (_, rank0), (_, rank1) = ranks
-    for n in rank0["final"]:
-        assert torch.equal(rank0["final"][n], rank1["final"][n]), f"processes disagree on {n}"
-
-    facts, tensors = ranks[0]
-    torch.testing.assert_close(facts["losses"], one["losses"], rtol=RTOL, atol=1e-7)
-    _assert_close_by_group(tensors["deltas"], one_tensors["deltas"], one_tensors["deltas"], "change of")
-    _assert_close_by_group(tensors["final"], one_tensors["final"], one_tensors["deltas"], "final")
+    _assert_two_match_one(ranks, one, one_tensors, "")
     if name.startswith("okd"):
-        assert any(n.startswith("teacher.") and "lora_" in n for n in tensors["deltas"])
+        assert any(n.startswith("teacher.") and "lora_" in n for n in ranks[0][1]["deltas"])
 
 
 # ------------------------------------------------------------------------------------- DeepSpeed ZeRO-2 and ZeRO-3
@@ -210,13 +214,7 @@ def test_deepspeed_two_processes_train_like_one(deepspeed_run, name):
         assert facts["distributed_type"] == "DistributedType.DEEPSPEED"
         assert facts["student_wrapper"] == "DeepSpeedEngine"
         assert facts["global_step"] == one["global_step"] == 2
-    (_, rank0), (_, rank1) = ranks
-    for n in rank0["final"]:
-        assert torch.equal(rank0["final"][n], rank1["final"][n]), f"processes disagree on {n}"
-    facts, tensors = ranks[0]
-    torch.testing.assert_close(facts["losses"], one["losses"], rtol=RTOL, atol=1e-7)
-    _assert_close_by_group(tensors["deltas"], one_tensors["deltas"], one_tensors["deltas"], f"ZeRO-{stage} change of")
-    _assert_close_by_group(tensors["final"], one_tensors["final"], one_tensors["deltas"], f"ZeRO-{stage} final")
+    _assert_two_match_one(ranks, one, one_tensors, f"ZeRO-{stage} ")
 
 
 # ------------------------------------------------------------------------------ checkpoint/resume under ZeRO-2 and -3
