@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
 TRAIN_ALL = ROOT / "tests" / "distributed" / "train_all.py"
-TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "redi")
+TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "adpo_ema", "redi")
 GLOBAL_BATCH = 8
 RTOL = 1e-4
 

@@ -55,7 +55,7 @@ from trl_distill import addition  # noqa: E402
 from trl_distill.testing import tiny_causal_lm  # noqa: E402
 from trl_distill.trainers._common import gathered_parameters  # noqa: E402
 
-TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "redi")
+TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "adpo_ema", "redi")
 
 
 def uneven_problems(n: int) -> list[tuple[int, int]]:
