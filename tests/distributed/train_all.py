@@ -26,6 +26,7 @@ The set-up makes N processes equal one process up to float rounding, so any larg
   teacher adapter) must not depend on it.
 
 `okd_4bit` is OKD with `teacher_quantization="4bit"` on an in-memory teacher: every process makes its own nf4 copy.
+`adpo_ema` is ADPO with `anchor="ema"` and no PEFT: the anchor is a second, full model updated after every step.
 """
 
 import json
