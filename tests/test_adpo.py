@@ -22,7 +22,7 @@ from trl_distill.trainers.adpo import (
     listwise_target,
 )
 
-from .conftest import cpu_args
+from .conftest import assert_accumulation_equals_one_batch, cpu_args
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
@@ -334,16 +334,6 @@ def test_4bit_teacher_anchor_with_lora_policy(student, teacher, tokenizer, probl
     assert len(logs) == 2 and all(math.isfinite(log["adpo/loss"]) and log["anchor_kl"] > 0 for log in logs)
 
 
-def _sgd_step_delta(student, tokenizer, dataset, tmp_path, batch, accumulation, **overrides):
-    model = copy.deepcopy(student)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = _adpo(model, tokenizer, dataset, tmp_path / f"b{batch}x{accumulation}", per_device_train_batch_size=batch,
-                    gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1e-2,
-                    max_grad_norm=0.0, **overrides)
-    trainer.train()
-    return {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
-
-
 def test_anchor_kl_accumulates_like_one_batch(student, tokenizer, problems, tmp_path, monkeypatch):
     # anchor_kl is a token loss: divided by the completion tokens of the whole step, so 2 x 4 equals 8 even though
     # the answers (1 to 3 digits) give the micro-batches different token counts. The anchor must differ from the
@@ -355,12 +345,9 @@ def test_anchor_kl_accumulates_like_one_batch(student, tokenizer, problems, tmp_
         for parameter in anchor.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     overrides = dict(anchor="fixed", ref_model=anchor, anchor_kl_coef=5.0)
-    one_batch = _sgd_step_delta(student, tokenizer, dataset, tmp_path, 8, 1, **overrides)
-    accumulated = _sgd_step_delta(student, tokenizer, dataset, tmp_path, 4, 2, **overrides)
-    for name, delta in one_batch.items():
-        torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7)
-
-    monkeypatch.setattr(ADPOTrainer, "_count_step_tokens", lambda self, batch_samples: None)
-    per_micro_batch = _sgd_step_delta(student, tokenizer, dataset, tmp_path / "old", 4, 2, **overrides)
-    largest = max((per_micro_batch[n] - one_batch[n]).abs().max().item() for n in one_batch)
-    assert largest > 1e-4 * max(d.abs().max().item() for d in one_batch.values())
+    assert_accumulation_equals_one_batch(
+        student,
+        lambda model, name, **args: _adpo(model, tokenizer, dataset, tmp_path / name, **args, **overrides),
+        ADPOTrainer,
+        monkeypatch,
+    )
