@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from trl.models.utils import _ForwardRedirection
 
 from ..teacher import model_name as describe_model
 
 logger = logging.getLogger("trl_distill")
+_REDIRECT = _ForwardRedirection()
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -360,9 +362,10 @@ class DistillTrainerMixin:
         skipping = getattr(self.args, "on_nonfinite", "raise") == "skip"
         student_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
         extra_finite = True
-        if self._extra_trainable_parameters():  # the same list on every process, so all of them reduce or none
+        extra = self._extra_trainable_parameters()
+        if extra:  # the same list on every process, so all of them reduce or none
             # extra parameters (OKD's teacher adapter) are not DDP-wrapped: agree across processes before acting
-            grads = [p.grad for p in self._extra_trainable_parameters() if p.grad is not None]
+            grads = [p.grad for p in extra if p.grad is not None]
             extra_bad = torch.tensor(float(any(not torch.isfinite(g).all() for g in grads)),
                                      device=self.accelerator.device)
             extra_finite = self.accelerator.reduce(extra_bad, reduction="sum").item() == 0
@@ -384,7 +387,7 @@ class DistillTrainerMixin:
                 "`max_grad_norm` usually removes the cause."
             )
         logger.warning(f"{where}: optimizer step skipped.")
-        for p in [p for _, p in named]:
+        for _, p in named:
             p.grad = None
         return grad_norm
 
@@ -424,6 +427,15 @@ class DistillTrainerMixin:
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return total * (accumulation * processes) / step[1][group].clamp(min=1).to(total.device)
+
+    @staticmethod
+    def _as_heads_forward(student_head, teacher_head, compute, *args):
+        """`compute(*args)`, run as the forward of both output heads (TRL's forward redirection, nested).
+
+        Under DeepSpeed ZeRO-3 a head's weight is a shard outside the head's own forward. The chunked losses read the
+        weights directly; run this way, ZeRO-3's hooks gather both weights for `compute` and the student's again for
+        its gradient in backward. Without ZeRO-3 it is a plain call. `compute` must read the weights itself."""
+        return _REDIRECT(teacher_head, teacher_head, _REDIRECT, student_head, student_head, compute, *args)
 
     def _log_num_tokens(self, inputs: dict[str, torch.Tensor], mode: str) -> None:
         """TRL's `num_tokens` metric (tokens seen in training, all processes), for trainers whose `compute_loss`

@@ -277,11 +277,7 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
                 **self._loss_kwargs(),
             )
 
-        # Under DeepSpeed ZeRO-3 a head's weight is a shard outside the head's own forward: run the loss as the
-        # forward of both heads (TRL's forward redirection, nested), so ZeRO-3's hooks gather both weights here and
-        # the student's again for its gradient in backward. Without ZeRO-3 this is a plain call.
-        redirect = self._forward_redirection
-        return redirect(teacher_head, teacher_head, redirect, student_head, student_head, chunked_loss)
+        return self._as_heads_forward(student_head, teacher_head, chunked_loss)  # gathers ZeRO-3 head shards
 
     def _dense_loss(self, model, inputs, num_items_in_batch):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}

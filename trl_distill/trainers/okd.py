@@ -453,7 +453,6 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         """
         # Position t predicts token t+1: drop the last hidden state, compare against labels[1:].
         labels = inputs["labels"][:, 1:]
-        mask = labels != -100
         student_hidden = backbone_hidden_states(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
         with torch.set_grad_enabled(self.online and torch.is_grad_enabled()):
             teacher_hidden = backbone_hidden_states(
@@ -462,12 +461,8 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         teacher_hidden = teacher_hidden.to(student_hidden.device)
         self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
         student_head, teacher_head = output_head(student), output_head(self.teacher_model)
-        # Under DeepSpeed ZeRO-3 a head's weight is a shard outside the head's own forward: run the losses as the
-        # forward of both heads (TRL's forward redirection, nested), so ZeRO-3's hooks gather the weights here and
-        # the student's again for its gradient in backward. Without ZeRO-3 this is a plain call.
-        redirect = self._forward_redirection
-        return redirect(
-            teacher_head, teacher_head, redirect, student_head, student_head, self._head_losses,
+        return self._as_heads_forward(  # gathers ZeRO-3 head shards
+            student_head, teacher_head, self._head_losses,
             student_head, teacher_head, student_hidden, teacher_hidden, labels, num_items_in_batch,
         )
 
