@@ -160,8 +160,11 @@ class PeakMemory:
 
 
 def non_padding_tokens(inputs) -> int:
-    """Non-padding tokens of a training batch (``attention_mask`` entries that are 1)."""
-    return int((inputs["attention_mask"] != 0).sum())
+    """Non-padding tokens of a training batch: ``attention_mask`` entries that are 1, or, for TRL's generating
+    trainers (GRPO-style batches, e.g. `DistillationTrainer`), those of ``prompt_mask`` and ``completion_mask``."""
+    if "attention_mask" in inputs:
+        return int((inputs["attention_mask"] != 0).sum())
+    return sum(int((inputs[key] != 0).sum()) for key in ("prompt_mask", "completion_mask"))
 
 
 def counting(base: type, counts: list, count: Callable = non_padding_tokens) -> type:

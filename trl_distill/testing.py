@@ -109,15 +109,37 @@ def train_sft(
     warmup_steps: int = 50,
     weight_decay: float = 0.01,
 ) -> list[float]:
-    """Supervised training on the completion tokens (answer and ``<|end|>``) only; returns the loss of every step.
+    """Supervised training on the addition completions (answer and ``<|end|>``) only; returns every step's loss.
 
-    AdamW with linear warmup then cosine decay to zero, batches drawn from reshuffled epochs (deterministic by
-    ``seed``), gradient norm clipped at 1. Prints progress every ``log_every`` steps (default: 5 lines in all; 0:
-    silent).
-    The model is left in the mode it came in.
+    The problems are rendered with the tokenizer's chat template and trained with `train_on_tensors`.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, labels = (t.to(device) for t in _encode_problems(tokenizer, problems))
+    return train_on_tensors(model, input_ids, attention_mask, labels, steps, batch_size=batch_size, lr=lr, seed=seed,
+                            log_every=log_every, warmup_steps=warmup_steps, weight_decay=weight_decay)
+
+
+def train_on_tensors(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int | None = None,
+    warmup_steps: int = 50,
+    weight_decay: float = 0.01,
+) -> list[float]:
+    """Causal-LM training on ``labels`` (-100 where nothing is learned); returns the loss of every step.
+
+    AdamW with linear warmup then cosine decay to zero, batches drawn from reshuffled epochs (deterministic by
+    ``seed``), gradient norm clipped at 1. Prints progress every ``log_every`` steps (default: 5 lines in all; 0:
+    silent). The model is left in the mode it came in.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def lr_factor(step: int) -> float:
@@ -147,7 +169,7 @@ def train_sft(
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             recent = losses[-log_every:]
             mean = sum(recent) / len(recent)
-            print(f"train_sft step {step + 1}/{steps}: loss {mean:.4f} ({time.time() - start:.0f} s)")
+            print(f"training step {step + 1}/{steps}: loss {mean:.4f} ({time.time() - start:.0f} s)", flush=True)
     model.train(was_training)
     return losses
 
@@ -184,6 +206,49 @@ def pretrained_teacher(
     model = tiny_teacher(tokenizer, seed=seed)
     print(f"pretrained_teacher: training a tiny teacher for {steps} steps (cached at {path})")
     train_sft(model, tokenizer, train_problems, steps=steps, seed=seed)
+    _save_atomically(model, tokenizer, path)
+    return model.eval(), tokenizer
+
+
+def hmm_teacher_cache_path(config, steps: int, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `pretrained_hmm_teacher` keeps a teacher: ``<root>/hmm_teacher_<task key>_{steps}``."""
+    root = cache_dir or os.environ.get("TRL_DISTILL_CACHE") or Path.home() / ".cache" / "trl_distill"
+    return Path(root) / f"hmm_teacher_{config.key()}_{steps}"
+
+
+def pretrained_hmm_teacher(
+    config=None, steps: int = 2000, cache_dir: str | os.PathLike | None = None, hidden_size: int = 128,
+    num_layers: int = 4, batch_size: int = 32,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A ``num_layers x hidden_size`` teacher of the HMM task (`trl_distill.hmm_task`), cached on disk; eval mode.
+
+    Trained with `train_on_tensors` on ``steps * batch_size`` fresh samples of p* from the task's own "teacher"
+    stream (abundant data: every sequence is seen once), so its KL to p* is limited by its size and steps only. The
+    cache key is the task's parameters, the teacher's shape and its steps; writes are atomic as in
+    `pretrained_teacher`.
+    """
+    from . import hmm_task
+
+    config = config or hmm_task.TaskConfig()
+    tokenizer = hmm_task.make_tokenizer(config.n_words)
+    shape = "" if (hidden_size, num_layers, batch_size) == (128, 4, 32) else f"_{num_layers}x{hidden_size}b{batch_size}"
+    path = hmm_teacher_cache_path(config, steps, cache_dir)
+    path = path.with_name(path.name + shape)
+    if (path / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
+    prompts, completions = hmm_task.sample_pairs(config, steps * batch_size, "teacher")
+    input_ids, labels = hmm_task.encode_sequences(prompts, completions)
+    model = tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=config.seed)
+    print(f"pretrained_hmm_teacher: training a {num_layers}x{hidden_size} teacher for {steps} steps (cached at {path})",
+          flush=True)
+    train_on_tensors(model, input_ids, torch.ones_like(input_ids), labels, steps, batch_size=batch_size, lr=3e-3,
+                     seed=config.seed, warmup_steps=max(1, steps // 20))
+    _save_atomically(model, tokenizer, path)
+    return model.eval(), tokenizer
+
+
+def _save_atomically(model, tokenizer, path: Path) -> None:
+    """Save into a temporary sibling and rename it into place (a concurrent writer's copy wins if it was first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
@@ -196,4 +261,3 @@ def pretrained_teacher(
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model.eval(), tokenizer
