@@ -1,5 +1,5 @@
-"""Pieces shared by the benchmark scripts: a large word-level tokenizer, trainer settings for CPU/GPU runs, a
-held-out exact-match curve callback, completion-token counting, peak memory (CPU RSS or CUDA) and fresh-process
+"""Pieces shared by the benchmark scripts: a large word-level tokenizer, trainer settings for CPU/GPU runs,
+completion-token counting, peak memory (CPU RSS or CUDA) and fresh-process
 workers.
 
 The scripts in ``benchmarks/`` import this as a sibling module (``from _common import ...``): Python puts a script's
@@ -37,27 +37,12 @@ WORD_SPECIALS = ("<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>")
 
 def make_word_tokenizer(vocab_size: int):
     """A word-level tokenizer with exactly `vocab_size` entries (5 special tokens, then words ``w0``, ``w1``, ...)
-    and a one-line chat template whose assistant turn ends with ``<|end|>`` (the EOS)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    and a one-line chat template whose assistant turn ends with ``<|end|>`` (the EOS): the HMM task's tokenizer
+    (`trl_distill.hmm_task.make_tokenizer`) sized to the vocabulary a benchmark needs."""
+    from trl_distill import hmm_task
 
-    words = [f"w{i}" for i in range(vocab_size - len(WORD_SPECIALS))]
-    vocab = {token: i for i, token in enumerate([*WORD_SPECIALS, *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in WORD_SPECIALS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>", padding_side="right",
-        model_max_length=1 << 16, clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}<|user|> {{ message['content'] }} "
-        "{%- elif message['role'] == 'assistant' -%}<|assistant|> {% generation %}{{ message['content'] }} <|end|>"
-        "{% endgeneration %} "
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}<|assistant|> {%- endif -%}"
-    )
+    assert WORD_SPECIALS == hmm_task.SPECIAL_TOKENS
+    tokenizer = hmm_task.make_tokenizer(vocab_size - len(WORD_SPECIALS))
     assert len(tokenizer) == vocab_size, len(tokenizer)
     return tokenizer
 
@@ -180,44 +165,6 @@ def counting(base: type, counts: list, count: Callable = non_padding_tokens) -> 
 
     Counting.__name__ = Counting.__qualname__ = f"Counting{base.__name__}"
     return Counting
-
-
-def make_exact_match_callback(tokenizer, problems, every: int, measure: Callable | None = None,
-                              on_measure: Callable | None = None, max_new_tokens: int = 4):
-    """A `TrainerCallback` measuring held-out exact match every `every` optimizer steps and at the last step.
-
-    ``callback.points`` collects ``(step, exact_match)``; ``callback.seconds`` the time spent measuring (so that it
-    can be taken out of the training time). `measure(model)` replaces `addition.exact_match` when given;
-    `on_measure()` / its return value bracket each measurement (e.g. `PeakMemory.pause`/`resume`).
-    """
-    from transformers import TrainerCallback
-
-    from trl_distill import addition
-
-    def default_measure(model):
-        return addition.exact_match(model, tokenizer, problems, max_new_tokens=max_new_tokens)
-
-    measure = measure or default_measure
-
-    class ExactMatchCurve(TrainerCallback):
-        def __init__(self):
-            self.points: list[tuple[int, float]] = []
-            self.seconds = 0.0
-
-        def record(self, step, model):
-            start = time.perf_counter()
-            self.points.append((step, measure(model)))
-            self.seconds += time.perf_counter() - start
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % every == 0 or state.global_step == state.max_steps:
-                if on_measure is not None:
-                    on_measure("pause")
-                self.record(state.global_step, model)
-                if on_measure is not None:
-                    on_measure("resume")
-
-    return ExactMatchCurve()
 
 
 # ---------------------------------------------------------------------------------------------------------------
