@@ -480,7 +480,8 @@ def sweep(cli, argv) -> None:
         (out / "info.json").write_text(json.dumps(prepare(cli, cfg), indent=1))
     runs_path = out / "runs.jsonl"
     done = done_runs(runs_path)
-    todo = [(m, s, lr) for lr in cfg["learning_rates"] for s in cfg["seeds"] for m in cli.methods
+    # Method by method, so that a sweep stopped early leaves whole rows (every seed) rather than partial ones.
+    todo = [(m, s, lr) for m in cli.methods for lr in cfg["learning_rates"] for s in cfg["seeds"]
             if (m, s, lr) not in done]
     # SFT first: the preference methods start from its student.
     first = [r for r in todo if r[0] == "sft"]
