@@ -23,7 +23,7 @@ from trl_distill.offline_teacher import (
 from .conftest import cpu_args
 
 TOP_K = 6
-MAX_LENGTH = 24  # shorter than some rows: scoring and training truncate alike
+MAX_LENGTH = 11  # shorter than half the rows (11-12 tokens): scoring and training truncate alike
 
 
 @pytest.fixture
@@ -162,3 +162,24 @@ def test_resume_scores_only_missing_shards_and_refuses_another_run(tmp_path, tea
         score_dataset(teacher, tokenizer, data, tmp_path / "scores", top_k=4, temperature=1.5,
                       max_length=MAX_LENGTH, shard_size=8, progress=False)
     assert json.loads((tmp_path / "scores" / METADATA_FILE).read_text())["top_k"] == TOP_K  # untouched
+
+
+def test_cli_scores_from_yaml_then_trains_gkd_without_teacher(tmp_path, teacher, student, tokenizer):
+    from trl_distill import cli
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    config = tmp_path / "topk.yaml"
+    config.write_text(f"teacher: {tmp_path / 'teacher'}\ndataset: addition\naddition_num_train: 12\n"
+                      f"top_k: 5\nmax_length: 64\noutput_dir: {tmp_path / 'top5'}\n")
+    cli.main(["teacher-topk", "--config", str(config), "--shard_size", "5", "--batch_size", "4"])
+    stored = load_teacher_topk(tmp_path / "top5")
+    assert len(stored) == 12 and stored_teacher_info(stored).top_k == 5
+    assert set(TEACHER_COLUMNS) <= set(stored.column_names)
+    cli.main(["gkd", "--model_name_or_path", str(tmp_path / "student"), "--dataset_name", str(tmp_path / "top5"),
+              "--output_dir", str(tmp_path / "gkd"), "--lmbda", "0", "--teacher_top_k", "5", "--max_length", "64",
+              "--max_steps", "1", "--per_device_train_batch_size", "4", "--bf16", "false", "--report_to", "none",
+              "--save_strategy", "no", "--eval_strategy", "no", "--use_cpu", "true"])
+    assert (tmp_path / "gkd" / "model.safetensors").exists()

@@ -305,6 +305,12 @@ def load_teacher_topk(path: str | os.PathLike):
     return attach_info(dataset, info)
 
 
+def is_teacher_topk_dir(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a folder written by `trl-distill teacher-topk` (so `trl-distill gkd --dataset_name path`
+    trains from the stored teacher)."""
+    return path is not None and (Path(path) / METADATA_FILE).is_file()
+
+
 def attach_info(dataset, info: StoredTeacherInfo):
     """Record `info` in `dataset.info.description`, where trainers read it (kept by `select`, `shuffle`, `map`)."""
     dataset.info.description = json.dumps({_INFO_KEY: asdict(info)})
