@@ -183,3 +183,22 @@ def test_cli_scores_from_yaml_then_trains_gkd_without_teacher(tmp_path, teacher,
               "--max_steps", "1", "--per_device_train_batch_size", "4", "--bf16", "false", "--report_to", "none",
               "--save_strategy", "no", "--eval_strategy", "no", "--use_cpu", "true"])
     assert (tmp_path / "gkd" / "model.safetensors").exists()
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/offline_teacher.py at tiny size, in this process (the script runs each variant in a fresh one)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import offline_teacher as benchmark
+
+    size = benchmark.SIZES["tiny"]
+    storage = benchmark.measure_storage_and_scoring(size, tmp_path)["storage"]
+    assert [row["k"] for row in storage] == size["ks"]
+    for row in storage:
+        assert row["tokens"] > 0 and row["scoring_tokens_per_s"] > 0
+        # the Arrow files hold the payload plus a little framing
+        assert row["formula_bytes_per_token"] <= row["bytes_per_token"] < 1.5 * row["formula_bytes_per_token"]
+    run = benchmark.train_worker(size, tmp_path, "stored")
+    assert run["tokens_per_s"] > 0 and run["peak_mib"] >= 0
