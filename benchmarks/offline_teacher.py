@@ -132,7 +132,7 @@ def plot(results: dict, path: str) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     storage = results["storage"]
     left.plot([r["k"] for r in storage], [r["bytes_per_token"] for r in storage], "o-", label="measured (Arrow)")
-    left.plot([r["k"] for r in storage], [r["formula_bytes_per_token"] for r in storage], "x--", label="8k + 16")
+    left.plot([r["k"] for r in storage], [r["formula_bytes_per_token"] for r in storage], "x--", label="8k + 8")
     left.set(xscale="log", yscale="log", xlabel="k", ylabel="bytes per completion token",
              title="stored teacher size")
     left.legend()

@@ -65,7 +65,7 @@ def test_scored_dataset_columns_metadata_and_shards(tmp_path, scored, tokenizer,
     logprobs = torch.tensor(row["teacher_topk_logprobs"])
     total = torch.logaddexp(logprobs.logsumexp(-1), torch.tensor(row["teacher_rest_logprobs"]))
     torch.testing.assert_close(total, torch.zeros(n), atol=1e-5, rtol=0)  # top-k + rest = the whole mass
-    assert storage_bytes_per_token(TOP_K) == 8 * TOP_K + 16
+    assert storage_bytes_per_token(TOP_K) == 8 * TOP_K + 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
