@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from trl_distill import GKDVariant, GKDVariantConfig
-from trl_distill.addition import sft_dataset
+from trl_distill.addition import preference_dataset, sft_dataset
 from trl_distill.offline_teacher import (
     METADATA_FILE,
+    PREFERENCE_TEACHER_COLUMNS,
     TEACHER_COLUMNS,
     load_teacher_topk,
     score_dataset,
@@ -19,6 +20,7 @@ from trl_distill.offline_teacher import (
     storage_bytes_per_token,
     tokenizer_fingerprint,
 )
+from trl_distill.trainers.distill_dpo import DistillDPOConfig, DistillDPOTrainer
 
 from .conftest import cpu_args
 
@@ -202,3 +204,146 @@ def test_benchmark_smoke(tmp_path):
         assert row["formula_bytes_per_token"] <= row["bytes_per_token"] < 1.5 * row["formula_bytes_per_token"]
     run = benchmark.train_worker(size, tmp_path, "stored")
     assert run["tokens_per_s"] > 0 and run["peak_mib"] >= 0
+
+
+# ------------------------------------------------------------------------------------------ DistillDPOTrainer (DCKD)
+DPO_MAX_LENGTH = 11  # prompts have 8 tokens, completions 3-4: the 4-token ones are truncated (keep_start)
+
+
+@pytest.fixture
+def pairs(problems):
+    return preference_dataset(problems[:12])
+
+
+@pytest.fixture
+def scored_pairs(tmp_path, teacher, tokenizer, pairs):
+    return score_dataset(teacher, tokenizer, pairs, tmp_path / "pair_scores", top_k=TOP_K, max_length=DPO_MAX_LENGTH,
+                         batch_size=5, shard_size=8, progress=False)
+
+
+def _dpo(tmp_path, student, teacher, tokenizer, dataset, name, **config):
+    config = {**cpu_args(), "mode": "dckd", "teacher_top_k": TOP_K, "max_length": DPO_MAX_LENGTH, **config}
+    return DistillDPOTrainer(model=student, teacher_model=teacher,
+                             args=DistillDPOConfig(output_dir=str(tmp_path / name), **config),
+                             train_dataset=dataset, processing_class=tokenizer)
+
+
+def _dpo_loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {key: values[-1] for key, values in trainer._metrics["train"].items()}
+
+
+def test_preference_scoring_stores_both_completions(tmp_path, teacher, tokenizer, pairs, scored_pairs):
+    info = stored_teacher_info(scored_pairs)
+    assert (info.format, info.truncation_mode, info.max_length, info.top_k) == ("preference", "keep_start",
+                                                                                DPO_MAX_LENGTH, TOP_K)
+    assert set(PREFERENCE_TEACHER_COLUMNS) <= set(scored_pairs.column_names)
+    assert scored_pairs["chosen"] == pairs["chosen"] and scored_pairs["rejected"] == pairs["rejected"]
+    lengths = {side: [len(row) for row in scored_pairs[f"{side}_teacher_token_ids"]] for side in ("chosen", "rejected")}
+    assert max(lengths["chosen"]) == DPO_MAX_LENGTH - 8 and min(lengths["rejected"]) > 0  # truncated, as in training
+    row = scored_pairs[0]
+    for side in ("chosen", "rejected"):
+        tokens = torch.tensor(row[f"{side}_teacher_token_ids"])
+        logprobs = torch.tensor(row[f"{side}_teacher_topk_logprobs"])
+        total = torch.logaddexp(logprobs.logsumexp(-1), torch.tensor(row[f"{side}_teacher_rest_logprobs"]))
+        torch.testing.assert_close(total, torch.zeros(len(tokens)), atol=1e-5, rtol=0)
+        # the stored reference is the teacher's log-prob of the (truncated) completion, computed here by hand
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False)
+        ids = torch.tensor([prompt + tokens.tolist()])
+        expected = teacher(ids).logits[0, len(prompt) - 1:-1].double().log_softmax(-1).gather(-1, tokens[:, None]).sum()
+        torch.testing.assert_close(torch.tensor(row[f"{side}_teacher_logps"]).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "dpo_weight", "top_k"), [
+    (torch.float32, 0.0, TOP_K), (torch.float64, 0.0, TOP_K), (torch.float32, 0.5, 3), (torch.float64, 0.5, TOP_K),
+])
+def test_stored_teacher_gives_the_live_dckd_losses_grads_and_metrics(tmp_path, student, teacher, tokenizer, pairs,
+                                                                      dtype, dpo_weight, top_k):
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    scored = score_dataset(teacher, tokenizer, pairs, tmp_path / "scores", top_k=TOP_K, max_length=DPO_MAX_LENGTH,
+                           batch_size=5, shard_size=8, progress=False)
+    settings = dict(dpo_weight=dpo_weight, teacher_top_k=top_k)
+    live = _dpo(tmp_path, copy.deepcopy(student), teacher, tokenizer, pairs, "live", **settings)
+    offline = _dpo(tmp_path, student, None, tokenizer, scored, "offline", **settings)
+    assert offline.teacher_model is None and offline.ref_model is None
+    rows = range(6)
+    live_batch = live.data_collator([live.train_dataset[i] for i in rows])
+    offline_batch = offline.data_collator([offline.train_dataset[i] for i in rows])
+    assert torch.equal(live_batch["input_ids"], offline_batch["input_ids"])
+    assert live_batch["attention_mask"].sum(1).max() == DPO_MAX_LENGTH  # some completions were truncated
+    expected, expected_grads, expected_metrics = _dpo_loss_and_grads(live, live_batch)
+    got, got_grads, got_metrics = _dpo_loss_and_grads(offline, offline_batch)
+    # the stored log-probs are float32: float64 runs agree to float32 precision, float32 runs to rounding
+    tolerance = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), expected.double(), **tolerance)
+    assert expected_grads.keys() == got_grads.keys()
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name].double(), expected_grads[name].double(), **tolerance, msg=name)
+    assert {"distill/kl_chosen", "distill/kl_rejected", "distill/sft_loss", "rewards/margins"} <= got_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert got_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_offline_dckd_trains_without_any_teacher_or_reference_model(tmp_path, student, tokenizer, scored_pairs):
+    trainer = _dpo(tmp_path, student, None, tokenizer, scored_pairs, "train", dpo_weight=0.5, max_steps=2,
+                   per_device_train_batch_size=4)
+    assert trainer.ref_model is None and trainer.teacher_model is None
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"distill/kl_chosen", "distill/kl_rejected", "distill/dpo_loss", "rewards/accuracies"} <= logged
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ({"mode": "teacher_ref"}, "mode='teacher_ref'"),
+    ({"mode": "adpa"}, "mode='adpa'"),
+    ({"adpa_weight": 1.0}, "adpa_weight"),
+    ({"ld_alpha": 0.5}, "ld_alpha"),
+    ({"teacher_quantization": "4bit"}, "teacher_quantization"),
+    ({"teacher_top_k": TOP_K + 1}, "teacher_top_k"),
+    ({"max_length": 32}, "max_length"),
+    ({"truncation_mode": "keep_end"}, "truncation_mode"),
+])
+def test_offline_dpo_refuses_what_needs_a_live_teacher_or_mismatches(tmp_path, student, tokenizer, scored_pairs,
+                                                                     config, field):
+    with pytest.raises(ValueError, match=field):
+        _dpo(tmp_path, student, None, tokenizer, scored_pairs, "bad", **config)
+
+
+def test_offline_dpo_refuses_other_data(tmp_path, student, teacher, tokenizer, pairs, scored, scored_pairs):
+    with pytest.raises(ValueError, match="teacher_model"):  # unscored
+        _dpo(tmp_path, student, None, tokenizer, pairs, "bad")
+    with pytest.raises(ValueError, match="conversations"):  # GKD's stored format
+        _dpo(tmp_path, student, None, tokenizer, scored, "bad")
+    with pytest.raises(ValueError, match="preference pairs"):  # and the other way round
+        _variant(tmp_path, student, None, tokenizer, scored_pairs, "bad")
+    hot = score_dataset(teacher, tokenizer, pairs, tmp_path / "hot", top_k=TOP_K, temperature=2.0,
+                        max_length=DPO_MAX_LENGTH, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        _dpo(tmp_path, student, None, tokenizer, hot, "bad")
+    trainer = _dpo(tmp_path, student, None, tokenizer, scored_pairs, "collate")
+    shifted = dict(trainer.train_dataset[1])
+    shifted["rejected_teacher_token_ids"] = [t + 1 for t in shifted["rejected_teacher_token_ids"]]
+    with pytest.raises(ValueError, match="rejected_teacher_token_ids"):
+        trainer.data_collator([trainer.train_dataset[0], shifted])
+
+
+def test_cli_scores_preference_pairs_then_trains_distill_dpo_without_teacher(tmp_path, teacher, student, tokenizer):
+    from trl_distill import cli
+
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    cli.main(["teacher-topk", "--teacher", str(tmp_path / "teacher"), "--dataset", "addition", "--data_format",
+              "preference", "--addition_num_train", "8", "--top_k", "5", "--max_length", "64", "--output_dir",
+              str(tmp_path / "pairs5")])
+    stored = load_teacher_topk(tmp_path / "pairs5")
+    assert len(stored) == 8 and stored_teacher_info(stored).format == "preference"
+    cli.main(["distill-dpo", "--model_name_or_path", str(tmp_path / "student"), "--dataset_name",
+              str(tmp_path / "pairs5"), "--output_dir", str(tmp_path / "dckd"), "--mode", "dckd", "--teacher_top_k",
+              "5", "--max_length", "64", "--max_steps", "1", "--per_device_train_batch_size", "4", "--bf16", "false",
+              "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no", "--use_cpu", "true"])
+    assert (tmp_path / "dckd" / "model.safetensors").exists()

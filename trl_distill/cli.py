@@ -156,8 +156,13 @@ def run_okd(script_args, training_args, model_args) -> None:
 def run_distill_dpo(script_args, training_args, model_args) -> None:
     from .trainers.distill_dpo import DistillDPOTrainer
 
-    teacher = _require_teacher(training_args, "distill-dpo")
-    datasets = load_preference_datasets(script_args)
+    from .offline_teacher import is_teacher_topk_dir, load_teacher_topk
+
+    if is_teacher_topk_dir(script_args.dataset_name):  # stored teacher (mode=dckd): no teacher model is loaded
+        teacher, datasets = None, (load_teacher_topk(script_args.dataset_name), None)
+    else:
+        teacher = _require_teacher(training_args, "distill-dpo")
+        datasets = load_preference_datasets(script_args)
     _train(DistillDPOTrainer, datasets, script_args, training_args, model_args, teacher_model=teacher)
 
 

@@ -11,6 +11,12 @@ Per completion token (a position whose label is not -100 in the trainer's own co
 - ``teacher_rest_logprobs``: the log of the mass outside those k tokens (log-sum-exp, not ``log(1 - sum)``),
 - ``teacher_token_ids``: the completion token itself, so training can check that it reads the same tokens.
 
+Preference data (``prompt``/``chosen``/``rejected``, for `DistillDPOTrainer` ``mode="dckd"``) gets these four columns
+for each completion, prefixed ``chosen_`` and ``rejected_`` (``chosen_teacher_topk_ids``, ...), plus
+``chosen_teacher_logps`` / ``rejected_teacher_logps``: the teacher's log-probability of the whole (truncated)
+completion at temperature 1, which the trainer uses as DPO's reference log-probs (the teacher is the reference).
+Positions are those of ``completion_mask[:, 1:]`` in TRL's ``DataCollatorForPreference``, after TRL's own tokenization.
+
 The dataset is written in shards (``output_dir/shards/shard-00000`` ...), each an Arrow dataset written to a
 temporary folder and renamed when complete, so a killed run resumes without rescoring finished shards. The run's
 metadata (teacher, revision, temperature, k, tokenizer fingerprint, max_length, ...) is ``output_dir/teacher_topk.json``
@@ -37,10 +43,15 @@ SHARDS_DIR = "shards"
 # The key under which the metadata sits in `Dataset.info.description` (a JSON object).
 _INFO_KEY = "trl_distill_teacher_topk"
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprobs", "teacher_token_ids")
+COMPLETIONS = ("chosen", "rejected")  # the two completions of a preference row, in TRL's [chosen; rejected] order
+# Preference data: the columns above per completion, plus its sequence log-prob (the DPO reference).
+PREFERENCE_TEACHER_COLUMNS = tuple(
+    f"{side}_{name}" for side in COMPLETIONS for name in (*TEACHER_COLUMNS, "teacher_logps")
+)
 # Fields of the metadata that must equal those of the run that resumes an interrupted scoring.
 _RESUME_FIELDS = ("teacher", "teacher_revision", "teacher_adapter", "teacher_quantization", "temperature", "top_k",
                   "tokenizer_fingerprint", "max_length", "vocab_size", "format", "num_rows", "shard_size",
-                  "data_fingerprint")
+                  "data_fingerprint", "truncation_mode")
 
 
 @dataclass
@@ -56,11 +67,16 @@ class StoredTeacherInfo:
     tokenizer_fingerprint: str
     max_length: int
     vocab_size: int  # the vocabulary columns the log-probs are normalised over
-    format: str  # "messages"
+    format: str  # "messages" (GKDVariant) or "preference" (DistillDPOTrainer)
     num_rows: int
     shard_size: int
     data_fingerprint: str
     trl_distill_version: str = ""
+    truncation_mode: str | None = None  # preference data: DPOConfig.truncation_mode of the collator
+
+    @property
+    def teacher_columns(self) -> tuple[str, ...]:
+        return PREFERENCE_TEACHER_COLUMNS if self.format == "preference" else TEACHER_COLUMNS
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -91,22 +107,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _data_fingerprint(dataset, column: str) -> str:
-    """A SHA-256 of the scored column's content (not `datasets`' own fingerprint, which is random for in-memory
+def _data_fingerprint(dataset, columns: tuple[str, ...]) -> str:
+    """A SHA-256 of the scored columns' content (not `datasets`' own fingerprint, which is random for in-memory
     datasets): a resumed run must score the same rows."""
     digest = hashlib.sha256()
-    for value in dataset[column]:
-        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    for column in columns:
+        for value in dataset[column]:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
-def _dataset_format(dataset) -> str:
+def _dataset_format(dataset) -> tuple[str, tuple[str, ...]]:
+    """("messages" or "preference", the columns that are scored)."""
     columns = set(dataset.column_names)
     if "messages" in columns:
-        return "messages"
+        return "messages", ("messages",)
+    if {"chosen", "rejected"} <= columns:
+        return "preference", tuple(name for name in ("prompt", "chosen", "rejected") if name in columns)
     raise ValueError(
-        f"teacher-topk scores GKDVariant's format, a `messages` column (conversations ending with the completion); "
-        f"the dataset has columns {sorted(columns)}. Preference (prompt/chosen/rejected) data is not supported yet."
+        f"teacher-topk scores GKDVariant's format (a `messages` column: conversations ending with the completion) or "
+        f"DistillDPOTrainer's (`prompt`/`chosen`/`rejected`, or `chosen`/`rejected`); the dataset has columns "
+        f"{sorted(columns)}."
     )
 
 
@@ -118,45 +139,105 @@ def _chat_collator(tokenizer, max_length: int | None):
     return DataCollatorForChatML(tokenizer=tokenizer, max_length=max_length)
 
 
+def _preference_collator(tokenizer, max_length: int | None, truncation_mode: str):
+    """The collator DistillDPOTrainer (TRL's DPOTrainer) trains with: `[chosen; rejected]` rows, each prompt +
+    completion truncated to `max_length` per `truncation_mode`, then right-padded (pads never reach a kept position)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForPreference(pad_token_id=pad_id if pad_id is not None else 0, max_length=max_length,
+                                     truncation_mode=truncation_mode)
+
+
+def _tokenize_preference(tokenizer, dataset):
+    """TRL's own DPO tokenization (`prompt_ids`/`chosen_ids`/`rejected_ids`: prompt extracted when absent, EOS added
+    to non-conversational completions, completion starting where prompt and prompt+completion diverge), row for row.
+
+    The trainer re-runs exactly this on the stored dataset, so reusing it (rather than a copy that could drift) makes
+    the stored positions line up by construction; the collator still checks every token. `_prepare_dataset` reads
+    only `self._tokenizer` and the three arguments below. `max_length=None` keeps every row: the trainer's filter of
+    rows whose prompt alone fills `max_length` drops them from training, and their stored lists are simply empty.
+    """
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    owner = SimpleNamespace(_tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    return DPOTrainer._prepare_dataset(owner, dataset, tokenizer, args, "teacher-topk")
+
+
 @torch.no_grad()
-def _score_batch(teacher, collator, rows: list[dict], top_k: int, temperature: float, columns: int,
-                 chunk_rows: int = 1024) -> dict[str, list]:
-    """Teacher top-k entries of every completion token of `rows`, one list per row."""
+def _score_positions(teacher, input_ids, attention_mask, positions, top_k: int, temperature: float, columns: int,
+                     sequence_logps: bool = False, chunk_rows: int = 1024) -> dict[str, list]:
+    """Teacher top-k entries at the `[B, L-1]` boolean `positions` (position t predicts token t+1), one list per row;
+    with `sequence_logps`, also `teacher_logps`: per row the sum of the teacher's log-probs of the tokens at
+    `positions` at temperature 1 over its whole head, as TRL computes a DPO reference's log-probs."""
     from .teacher import backbone_hidden_states, output_head
 
-    batch = collator(rows)
     device = next(teacher.parameters()).device
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    positions = batch["labels"][:, 1:].to(device) != -100  # position t predicts token t+1
+    input_ids, attention_mask, positions = input_ids.to(device), attention_mask.to(device), positions.to(device)
     hidden = backbone_hidden_states(teacher, input_ids, attention_mask)[:, :-1][positions]  # [N, H]
+    tokens = input_ids[:, 1:][positions]
     head = output_head(teacher)
-    ids, logprobs, rest = [], [], []
+    ids, logprobs, rest, token_logps = [], [], [], []
     for start in range(0, hidden.shape[0], chunk_rows):  # bounds the [rows, V] logits
-        logits = head(hidden[start:start + chunk_rows].to(head.weight.dtype))[:, :columns]
-        stored = losses.teacher_topk(logits, top_k, temperature)
+        logits = head(hidden[start:start + chunk_rows].to(head.weight.dtype))
+        stored = losses.teacher_topk(logits[:, :columns], top_k, temperature)
         ids.append(stored.ids.to(torch.int32).cpu())
         logprobs.append(stored.logprobs.float().cpu())
         rest.append(stored.rest_logprobs.float().cpu())
+        if sequence_logps:
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            token_logps.append(wide.log_softmax(-1).gather(-1, tokens[start:start + chunk_rows, None])[:, 0].cpu())
     ids = torch.cat(ids) if ids else torch.zeros(0, top_k, dtype=torch.int32)
     logprobs = torch.cat(logprobs) if logprobs else torch.zeros(0, top_k)
     rest = torch.cat(rest) if rest else torch.zeros(0)
-    tokens = input_ids[:, 1:][positions].to(torch.int32).cpu()
     counts = positions.sum(dim=1).tolist()
     out = {name: [] for name in TEACHER_COLUMNS}
-    for piece in zip(ids.split(counts), logprobs.split(counts), rest.split(counts), tokens.split(counts)):
+    pieces = (ids.split(counts), logprobs.split(counts), rest.split(counts), tokens.to(torch.int32).cpu().split(counts))
+    for piece in zip(*pieces):
         for name, tensor in zip(TEACHER_COLUMNS, piece):
             out[name].append(tensor.tolist())
+    if sequence_logps:
+        token_logps = torch.cat(token_logps) if token_logps else torch.zeros(0, dtype=torch.float64)
+        out["teacher_logps"] = [float(part.double().sum()) for part in token_logps.split(counts)]
     return out
 
 
-def _features(dataset, top_k: int):
+def _score_batch(teacher, collator, rows: list[dict], top_k: int, temperature: float, columns: int) -> dict[str, list]:
+    """Teacher top-k entries of every completion token of `rows` (GKDVariant's `messages` format)."""
+    batch = collator(rows)
+    return _score_positions(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:] != -100,
+                            top_k, temperature, columns)
+
+
+def _score_preference_batch(teacher, collator, rows: list[dict], top_k: int, temperature: float,
+                            columns: int) -> dict[str, list]:
+    """Teacher top-k entries and sequence log-probs of both completions of tokenized preference `rows`."""
+    batch = collator(rows)  # [chosen; rejected]
+    positions = batch["completion_mask"][:, 1:] == 1
+    scored = _score_positions(teacher, batch["input_ids"], batch["attention_mask"], positions, top_k, temperature,
+                              columns, sequence_logps=True)
+    half = len(rows)
+    return {f"{side}_{name}": values[part]
+            for name, values in scored.items()
+            for side, part in (("chosen", slice(None, half)), ("rejected", slice(half, None)))}
+
+
+def _features(dataset, top_k: int, data_format: str = "messages"):
     from datasets import Features, Sequence, Value
 
     features = dict(dataset.features)
-    features["teacher_topk_ids"] = Sequence(Sequence(Value("int32"), length=top_k))
-    features["teacher_topk_logprobs"] = Sequence(Sequence(Value("float32"), length=top_k))
-    features["teacher_rest_logprobs"] = Sequence(Value("float32"))
-    features["teacher_token_ids"] = Sequence(Value("int32"))
+    prefixes = [f"{side}_" for side in COMPLETIONS] if data_format == "preference" else [""]
+    for prefix in prefixes:
+        features[f"{prefix}teacher_topk_ids"] = Sequence(Sequence(Value("int32"), length=top_k))
+        features[f"{prefix}teacher_topk_logprobs"] = Sequence(Sequence(Value("float32"), length=top_k))
+        features[f"{prefix}teacher_rest_logprobs"] = Sequence(Value("float32"))
+        features[f"{prefix}teacher_token_ids"] = Sequence(Value("int32"))
+        if data_format == "preference":
+            features[f"{prefix}teacher_logps"] = Value("float32")
     return Features(features)
 
 
@@ -188,6 +269,7 @@ def score_dataset(
     top_k: int = 64,
     temperature: float = 1.0,
     max_length: int | None = None,
+    truncation_mode: str = "keep_start",
     batch_size: int = 8,
     shard_size: int = 1000,
     teacher_revision: str | None = None,
@@ -203,12 +285,16 @@ def score_dataset(
         teacher: a model, a local path or a Hub id (loaded frozen through :func:`trl_distill.teacher.load_teacher`,
             in 4-bit with ``teacher_quantization="4bit"``, with a frozen PEFT adapter with `teacher_adapter`)
         tokenizer: the tokenizer the student will train with (it must share the teacher's vocabulary)
-        dataset: a `datasets.Dataset` in GKDVariant's format (a `messages` column)
+        dataset: a `datasets.Dataset` in GKDVariant's format (a `messages` column) or DistillDPOTrainer's
+            (`prompt`/`chosen`/`rejected`): both completions are scored, with their sequence log-probs
         output_dir: where the shards and ``teacher_topk.json`` go; a rerun with the same settings resumes
         top_k: tokens kept per position (the trainer's `teacher_top_k` must be at most this)
         temperature: the loss temperature the log-probs are taken at (the trainer's `loss_temperature`)
-        max_length: the collator's truncation length; must equal the trainer's `max_length` (None: the collator's
-            default, ``min(tokenizer.model_max_length, 1024)``)
+        max_length: the collator's truncation length; must equal the trainer's `max_length` (None: for `messages`
+            the collator's default, ``min(tokenizer.model_max_length, 1024)``; for preference data no truncation,
+            as TRL's `DPOConfig(max_length=None)`)
+        truncation_mode: preference data only: `DPOConfig.truncation_mode` of the run (``"keep_start"``, TRL's
+            default, or ``"keep_end"``)
         batch_size: rows per teacher forward
         shard_size: rows per shard (the unit of resumption)
         overwrite: delete the scores of a different run in `output_dir` instead of refusing
@@ -231,8 +317,15 @@ def score_dataset(
             raise ValueError(f"{name} must be an integer >= 1, got {value}")
     if not isinstance(dataset, Dataset):
         raise TypeError(f"score_dataset needs a datasets.Dataset, got {type(dataset).__name__}")
-    data_format = _dataset_format(dataset)
-    collator = _chat_collator(tokenizer, max_length)
+    data_format, scored_columns = _dataset_format(dataset)
+    if data_format == "preference":
+        if truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+        collator = _preference_collator(tokenizer, max_length, truncation_mode)
+        stored_max_length, stored_truncation = max_length, truncation_mode
+    else:
+        collator = _chat_collator(tokenizer, max_length)
+        stored_max_length, stored_truncation = int(collator.max_length), None
     teacher_label = model_name(teacher)
     state = PartialState()
     model = load_teacher(teacher, quantization=teacher_quantization, adapter=teacher_adapter,
@@ -242,9 +335,10 @@ def score_dataset(
     info = StoredTeacherInfo(
         teacher=teacher_label, teacher_revision=teacher_revision, teacher_adapter=teacher_adapter and str(teacher_adapter),
         teacher_quantization=teacher_quantization, temperature=float(temperature), top_k=int(top_k),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_length=int(collator.max_length),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_length=stored_max_length,
         vocab_size=int(columns), format=data_format, num_rows=len(dataset), shard_size=int(shard_size),
-        data_fingerprint=_data_fingerprint(dataset, data_format), trl_distill_version=__version__,
+        data_fingerprint=_data_fingerprint(dataset, scored_columns), trl_distill_version=__version__,
+        truncation_mode=stored_truncation,
     )
     output_dir = Path(output_dir)
     metadata_path = output_dir / METADATA_FILE
@@ -254,7 +348,8 @@ def score_dataset(
         metadata_path.write_text(info.to_json())
     state.wait_for_everyone()
 
-    features = _features(dataset, top_k)
+    features = _features(dataset, top_k, data_format)
+    score_batch = _score_preference_batch if data_format == "preference" else _score_batch
     num_shards = max(1, -(-len(dataset) // shard_size))
     mine = list(range(state.process_index, num_shards, state.num_processes))  # each process scores its shards
     todo = [index for index in mine if not _shard_path(output_dir, index).exists()]
@@ -264,10 +359,11 @@ def score_dataset(
     for index in todo:
         start, end = index * shard_size, min((index + 1) * shard_size, len(dataset))
         rows = dataset.select(range(start, end))
-        scored = {name: [] for name in TEACHER_COLUMNS}
+        inputs = _tokenize_preference(tokenizer, rows) if data_format == "preference" else rows
+        scored = {name: [] for name in info.teacher_columns}
         for batch_start in range(0, len(rows), batch_size):
-            batch = [rows[i] for i in range(batch_start, min(batch_start + batch_size, len(rows)))]
-            for name, values in _score_batch(model, collator, batch, top_k, temperature, columns).items():
+            batch = [inputs[i] for i in range(batch_start, min(batch_start + batch_size, len(rows)))]
+            for name, values in score_batch(model, collator, batch, top_k, temperature, columns).items():
                 scored[name].extend(values)
             bar.update(len(batch))
         shard = Dataset.from_dict({**rows.to_dict(), **scored}, features=features)
@@ -321,7 +417,7 @@ def attach_info(dataset, info: StoredTeacherInfo):
 def stored_teacher_info(dataset) -> StoredTeacherInfo | None:
     """The metadata of a stored-teacher dataset, or None for a dataset without teacher columns."""
     columns = getattr(dataset, "column_names", None) or []
-    if not any(name in columns for name in TEACHER_COLUMNS):
+    if not any(name in columns for name in (*TEACHER_COLUMNS, *PREFERENCE_TEACHER_COLUMNS)):
         return None
     try:
         data = json.loads(dataset.info.description or "")[_INFO_KEY]
@@ -330,27 +426,39 @@ def stored_teacher_info(dataset) -> StoredTeacherInfo | None:
             "The dataset has stored teacher columns but no metadata: load it with "
             "`trl_distill.offline_teacher.load_teacher_topk(output_dir)`, which attaches what it was scored with."
         ) from None
-    missing = [name for name in TEACHER_COLUMNS if name not in columns]
+    info = StoredTeacherInfo.from_dict(data)
+    missing = [name for name in info.teacher_columns if name not in columns]
     if missing:
         raise ValueError(f"The stored-teacher dataset lacks the column(s) {missing}; rescore it with teacher-topk.")
-    return StoredTeacherInfo.from_dict(data)
+    return info
 
 
 def check_stored_teacher(dataset, dataset_name: str, *, trainer_name: str, tokenizer, temperature: float,
-                         top_k: int | None, max_length: int, temperature_field: str, top_k_field: str) -> None:
+                         top_k: int | None, max_length: int | None, temperature_field: str | None, top_k_field: str,
+                         data_format: str = "messages", truncation_mode: str | None = None) -> None:
     """Refuse a stored-teacher dataset that does not match the run, naming the field at fault."""
     info = stored_teacher_info(dataset)
+    expected = PREFERENCE_TEACHER_COLUMNS if data_format == "preference" else TEACHER_COLUMNS
     if info is None:
         raise ValueError(
             f"{trainer_name} got teacher_model=None but its {dataset_name} has no stored teacher columns "
-            f"{list(TEACHER_COLUMNS)}: score it with `trl-distill teacher-topk` (trl_distill.offline_teacher), or "
+            f"{list(expected)}: score it with `trl-distill teacher-topk` (trl_distill.offline_teacher), or "
             "pass a teacher_model."
         )
     where = f"{trainer_name}: the {dataset_name} was scored by {info.teacher!r} with"
+    if info.format != data_format:
+        kinds = {"messages": "conversations (a `messages` column)", "preference": "preference pairs "
+                 "(prompt/chosen/rejected)"}
+        raise ValueError(f"{trainer_name}: the {dataset_name} holds a stored teacher of {kinds[info.format]}, but "
+                         f"{trainer_name} trains on {kinds[data_format]}. Score the {kinds[data_format]} with "
+                         "`trl-distill teacher-topk`.")
     if info.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{where} a different tokenizer (tokenizer_fingerprint {info.tokenizer_fingerprint[:12]}... "
                          "differs from processing_class's): token ids would not line up. Rescore it with this "
                          "tokenizer.")
+    if info.temperature != float(temperature) and temperature_field is None:  # the trainer has no temperature
+        raise ValueError(f"{where} temperature={info.temperature}, but {trainer_name}'s KL terms compare the "
+                         f"distributions at temperature {temperature}. Rescore it with temperature {temperature}.")
     if info.temperature != float(temperature):
         raise ValueError(f"{where} temperature={info.temperature}, but {temperature_field}={temperature}: the stored "
                          f"log-probs are at the scoring temperature. Set {temperature_field}={info.temperature} or "
@@ -362,6 +470,10 @@ def check_stored_teacher(dataset, dataset_name: str, *, trainer_name: str, token
         raise ValueError(f"{where} max_length={info.max_length}, but the run truncates at max_length={max_length}: "
                          "the teacher saw other tokens than the student would. Set max_length to "
                          f"{info.max_length} or rescore.")
+    if info.truncation_mode != truncation_mode:
+        raise ValueError(f"{where} truncation_mode={info.truncation_mode!r}, but the run has truncation_mode="
+                         f"{truncation_mode!r}: truncation would keep other tokens than the teacher scored. Set "
+                         f"truncation_mode={info.truncation_mode!r} or rescore.")
 
 
 def check_gkd_run(args, processing_class, trainer_kwargs: dict[str, Any]) -> StoredTeacherInfo:
@@ -381,23 +493,72 @@ def check_gkd_run(args, processing_class, trainer_kwargs: dict[str, Any]) -> Sto
         raise ValueError("GKDVariantConfig.seq_kd=True needs a live teacher to generate: with teacher_model=None set "
                          "seq_kd=False, or pass a teacher_model.")
     max_length = _chat_collator(processing_class, args.max_length).max_length
+    return _check_every_dataset(trainer_kwargs, trainer_name="GKDVariant", tokenizer=processing_class,
+                                temperature=args.loss_temperature, top_k=args.teacher_top_k, max_length=max_length,
+                                temperature_field="GKDVariantConfig.loss_temperature",
+                                top_k_field="GKDVariantConfig.teacher_top_k")
+
+
+def _check_every_dataset(trainer_kwargs: dict[str, Any], *, trainer_name: str, **checks) -> StoredTeacherInfo:
+    """`check_stored_teacher` on the train dataset and every eval dataset; they must share k (one collator).
+    Returns the train dataset's metadata."""
     infos = []
     for name, dataset in (("train_dataset", trainer_kwargs.get("train_dataset")),
                           ("eval_dataset", trainer_kwargs.get("eval_dataset"))):
         for label, part in (dataset.items() if isinstance(dataset, dict) else [(name, dataset)]):
             if part is None:
                 continue
-            check_stored_teacher(part, label, trainer_name="GKDVariant", tokenizer=processing_class,
-                                 temperature=args.loss_temperature, top_k=args.teacher_top_k, max_length=max_length,
-                                 temperature_field="GKDVariantConfig.loss_temperature",
-                                 top_k_field="GKDVariantConfig.teacher_top_k")
+            check_stored_teacher(part, label, trainer_name=trainer_name, **checks)
             infos.append((label, stored_teacher_info(part)))
     first_label, first = infos[0]
     for label, info in infos[1:]:
         if info.top_k != first.top_k:
-            raise ValueError(f"GKDVariant: {first_label} stores top_k={first.top_k} but {label} top_k={info.top_k}; "
-                             "score both with the same top_k.")
+            raise ValueError(f"{trainer_name}: {first_label} stores top_k={first.top_k} but {label} "
+                             f"top_k={info.top_k}; score both with the same top_k.")
     return first
+
+
+def check_dpo_run(args, processing_class, trainer_kwargs: dict[str, Any]) -> StoredTeacherInfo:
+    """DistillDPOTrainer with no teacher model: `mode="dckd"` from preference data scored by teacher-topk.
+
+    The KL terms read the stored top-k; DPO's reference log-probs (logged in every mode, trained when
+    `dpo_weight > 0`) are the stored teacher's sequence log-probs, fed to TRL as precomputed reference log-probs, so
+    no reference model is created or run. Everything that needs the teacher's live outputs is refused, naming the
+    field. Returns the train dataset's metadata.
+    """
+    train = trainer_kwargs.get("train_dataset")
+    if train is None or stored_teacher_info(train) is None:
+        raise ValueError(
+            "DistillDPOTrainer needs a `teacher_model` (a model, a local path or a Hub id) or "
+            "`DistillDPOConfig.teacher_model_name_or_path`; or, for mode='dckd', teacher_model=None with a "
+            "train_dataset of preference data scored by `trl-distill teacher-topk` "
+            "(trl_distill.offline_teacher.load_teacher_topk)."
+        )
+    if args.mode == "teacher_ref":
+        raise ValueError(
+            "DistillDPOConfig.mode='teacher_ref' hands a live teacher to TRL as its ref_model; with a stored teacher "
+            "(teacher_model=None) use mode='dckd': with dpo_weight > 0 its DPO term takes the stored teacher's "
+            "sequence log-probs as the reference (sft_weight, chosen_kd_weight and rejected_kd_weight may be 0)."
+        )
+    if args.mode == "adpa" or args.adpa_weight:
+        raise ValueError(
+            f"DistillDPOConfig.mode={args.mode!r} with adpa_weight={args.adpa_weight}: ADPA's advantage needs the "
+            "aligned and the reference teacher (adapter on and off) over the student's own responses, which no "
+            "stored dataset holds. With teacher_model=None use mode='dckd' and adpa_weight=0, or pass a teacher_model."
+        )
+    for name in ("teacher_quantization", "teacher_adapter"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"DistillDPOConfig.{name}={getattr(args, name)!r} describes a teacher to load, but "
+                             "teacher_model=None trains from the stored teacher: unset it (it applies when scoring: "
+                             "`trl-distill teacher-topk --teacher_quantization/--teacher_adapter`).")
+    if args.ld_alpha is not None:
+        raise ValueError(f"DistillDPOConfig.ld_alpha={args.ld_alpha}: the stored reference is the teacher's plain sum "
+                         "of completion log-probs, not LD-DPO's length-weighted one. Set ld_alpha=None, or pass a "
+                         "teacher_model.")
+    return _check_every_dataset(trainer_kwargs, trainer_name="DistillDPOTrainer", tokenizer=processing_class,
+                                temperature=1.0, top_k=args.teacher_top_k, max_length=args.max_length,
+                                temperature_field=None, top_k_field="DistillDPOConfig.teacher_top_k",
+                                data_format="preference", truncation_mode=args.truncation_mode)
 
 
 def stored_vocab_columns(info: StoredTeacherInfo, student_columns: int) -> int:
@@ -455,6 +616,51 @@ class StoredTeacherCollator:
         return {**batch, "teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "teacher_rest_logprobs": rest}
 
 
+@dataclass
+class StoredPreferenceTeacherCollator:
+    """Wraps TRL's `DataCollatorForPreference` (`[chosen; rejected]` rows with a `completion_mask`) and adds the
+    stored teacher of both completions as `[2B, L-1, k]` `teacher_topk_ids` / `teacher_topk_logprobs` and `[2B, L-1]`
+    `teacher_rest_logprobs` at the positions ``completion_mask[:, 1:] == 1``, and the stored sequence log-probs as
+    TRL's `ref_chosen_logps` / `ref_rejected_logps` (read by `DPOTrainer` with `precompute_ref_log_probs=True`).
+
+    The dataset was scored through this same collator (same `max_length` and `truncation_mode`, checked from the
+    metadata), so each completion must keep exactly its stored tokens; any difference fails with a clear error
+    instead of training on misaligned targets or a reference of other tokens.
+    """
+
+    base: Any
+    top_k: int  # the stored k
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.base(examples)
+        positions = batch["completion_mask"][:, 1:] == 1
+        rows, length = positions.shape
+        ids = torch.zeros(rows, length, self.top_k, dtype=torch.long)
+        logprobs = torch.zeros(rows, length, self.top_k, dtype=torch.float32)
+        rest = torch.zeros(rows, length, dtype=torch.float32)
+        targets = batch["input_ids"][:, 1:]
+        for row in range(rows):
+            side = COMPLETIONS[row // len(examples)]
+            example = examples[row % len(examples)]
+            where = positions[row].nonzero().squeeze(1)
+            stored_tokens = torch.as_tensor(example[f"{side}_teacher_token_ids"], dtype=torch.long)
+            if stored_tokens.numel() != where.numel() or not torch.equal(stored_tokens, targets[row, where]):
+                raise ValueError(
+                    f"The stored {side}_teacher_token_ids of a row ({stored_tokens.numel()} tokens) differ from the "
+                    f"{where.numel()} {side} completion tokens the collator produced for it: the dataset was scored "
+                    "with another tokenizer, chat template, max_length, truncation_mode or data. Rescore it."
+                )
+            ids[row, where] = torch.as_tensor(example[f"{side}_teacher_topk_ids"],
+                                              dtype=torch.long).reshape(-1, self.top_k)
+            logprobs[row, where] = torch.as_tensor(example[f"{side}_teacher_topk_logprobs"],
+                                                   dtype=torch.float32).reshape(-1, self.top_k)
+            rest[row, where] = torch.as_tensor(example[f"{side}_teacher_rest_logprobs"], dtype=torch.float32)
+        references = {f"ref_{side}_logps": torch.tensor([example[f"{side}_teacher_logps"] for example in examples],
+                                                       dtype=torch.float32) for side in COMPLETIONS}
+        return {**batch, **references, "teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs,
+                "teacher_rest_logprobs": rest}
+
+
 def stored_teacher(inputs: dict[str, torch.Tensor]) -> losses.TopKTeacher:
     """The collated stored teacher of a batch as a `TopKTeacher` over `[B, L-1]` positions."""
     return losses.TopKTeacher(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"],
@@ -483,6 +689,15 @@ class TeacherTopKArguments:
     max_length: int | None = field(
         default=1024, metadata={"help": "Truncation length; must equal the trainer's max_length (TRL's default 1024)."}
     )
+    data_format: str = field(
+        default="messages",
+        metadata={"help": "Shipped addition task only: 'messages' (GKDVariant) or 'preference' (DistillDPOTrainer "
+                          "dckd: prompt/chosen/rejected pairs). Other datasets keep the format of their columns."},
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Preference data: the run's DPOConfig.truncation_mode ('keep_start' or 'keep_end')."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward."})
     shard_size: int = field(default=1000, metadata={"help": "Rows per shard (the unit of resumption)."})
     teacher_revision: str | None = field(default=None, metadata={"help": "Teacher revision (branch, tag or commit)."})
@@ -500,7 +715,7 @@ def main(argv: list[str]) -> None:
     from transformers import AutoTokenizer
     from trl import TrlParser
 
-    from .cli import DistillScriptArguments, load_datasets
+    from .cli import DistillScriptArguments, load_datasets, load_preference_datasets
 
     parser = TrlParser((DistillScriptArguments, TeacherTopKArguments), prog="trl-distill teacher-topk")
     script_args, args = parser.parse_args_and_config(args=argv)
@@ -508,7 +723,13 @@ def main(argv: list[str]) -> None:
         raise SystemExit("trl-distill teacher-topk: --teacher and --output_dir are required.")
     if args.dataset is not None:
         script_args.dataset_name = args.dataset
-    train, evaluation = load_datasets(script_args, format="messages")
+    if args.data_format not in ("messages", "preference"):
+        raise SystemExit(f"trl-distill teacher-topk: --data_format must be 'messages' or 'preference', got "
+                         f"{args.data_format!r}.")
+    if args.data_format == "preference":
+        train, evaluation = load_preference_datasets(script_args, listwise_k=0)
+    else:
+        train, evaluation = load_datasets(script_args, format="messages")
     dataset = train if args.split == "train" else evaluation
     if dataset is None:
         raise SystemExit(f"trl-distill teacher-topk: the dataset has no {args.split!r} split.")
@@ -520,11 +741,13 @@ def main(argv: list[str]) -> None:
                    if value is not None}
     scored = score_dataset(
         args.teacher, tokenizer, dataset, args.output_dir, top_k=args.top_k, temperature=args.temperature,
-        max_length=args.max_length, batch_size=args.batch_size, shard_size=args.shard_size,
+        max_length=args.max_length, truncation_mode=args.truncation_mode, batch_size=args.batch_size,
+        shard_size=args.shard_size,
         teacher_revision=args.teacher_revision, teacher_quantization=args.teacher_quantization,
         teacher_adapter=args.teacher_adapter, teacher_model_init_kwargs=init_kwargs or None,
         overwrite=args.overwrite_output_dir,
     )
-    tokens = sum(len(row) for row in scored["teacher_token_ids"])
+    tokens = sum(len(row) for column in stored_teacher_info(scored).teacher_columns
+                 if column.endswith("teacher_token_ids") for row in scored[column])
     print(f"Stored the teacher's top-{args.top_k} for {len(scored)} rows ({tokens} completion tokens) in "
           f"{args.output_dir}. Load it with trl_distill.offline_teacher.load_teacher_topk({args.output_dir!r}).")
