@@ -347,3 +347,36 @@ def test_cli_scores_preference_pairs_then_trains_distill_dpo_without_teacher(tmp
               "5", "--max_length", "64", "--max_steps", "1", "--per_device_train_batch_size", "4", "--bf16", "false",
               "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no", "--use_cpu", "true"])
     assert (tmp_path / "dckd" / "model.safetensors").exists()
+
+
+def test_two_processes_score_like_one(tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo): each process scores its shards; the result equals the
+    1-process scoring exactly (same batches, so bit for bit), in both formats."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tests" / "distributed" / "score_topk.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(port), str(script), str(tmp_path / "two")]
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+
+    sys.path.insert(0, str(script.parent))
+    import score_topk
+
+    one = score_topk.score_all(tmp_path / "one")
+    for name, expected in one.items():
+        got = load_teacher_topk(tmp_path / "two" / name)
+        assert sorted(os.listdir(tmp_path / "two" / name / "shards")) == ["shard-00000", "shard-00001", "shard-00002"]
+        assert got.column_names == expected.column_names and len(got) == len(expected) == 20
+        for column in stored_teacher_info(expected).teacher_columns:
+            assert got[column] == expected[column], (name, column)
+        assert stored_teacher_info(got) == stored_teacher_info(expected)

@@ -350,6 +350,9 @@ def score_dataset(
 
     features = _features(dataset, top_k, data_format)
     score_batch = _score_preference_batch if data_format == "preference" else _score_batch
+    # Every process tokenizes the whole dataset once, together: TRL's tokenization synchronizes the processes
+    # (main process first), so calling it per shard would deadlock when processes score different numbers of shards.
+    tokenized = _tokenize_preference(tokenizer, dataset) if data_format == "preference" else dataset
     num_shards = max(1, -(-len(dataset) // shard_size))
     mine = list(range(state.process_index, num_shards, state.num_processes))  # each process scores its shards
     todo = [index for index in mine if not _shard_path(output_dir, index).exists()]
@@ -359,7 +362,7 @@ def score_dataset(
     for index in todo:
         start, end = index * shard_size, min((index + 1) * shard_size, len(dataset))
         rows = dataset.select(range(start, end))
-        inputs = _tokenize_preference(tokenizer, rows) if data_format == "preference" else rows
+        inputs = tokenized.select(range(start, end))
         scored = {name: [] for name in info.teacher_columns}
         for batch_start in range(0, len(rows), batch_size):
             batch = [inputs[i] for i in range(batch_start, min(batch_start + batch_size, len(rows)))]
