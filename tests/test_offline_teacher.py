@@ -380,3 +380,31 @@ def test_two_processes_score_like_one(tmp_path):
         for column in stored_teacher_info(expected).teacher_columns:
             assert got[column] == expected[column], (name, column)
         assert stored_teacher_info(got) == stored_teacher_info(expected)
+
+
+def test_4bit_teacher_scores_and_dckd_trains_from_it_like_the_live_4bit_teacher(tmp_path, student, teacher, tokenizer,
+                                                                                pairs):
+    """bitsandbytes nf4 teacher (fp32 compute on CPU): scored once, then training from the stored columns equals the
+    live 4-bit teacher, and differs from the full-precision teacher's scores (the quantized teacher was used)."""
+    pytest.importorskip("bitsandbytes")
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    quantized = score_dataset(str(tmp_path / "teacher"), tokenizer, pairs, tmp_path / "nf4", top_k=TOP_K,
+                              max_length=DPO_MAX_LENGTH, teacher_quantization="4bit", progress=False)
+    full = score_dataset(teacher, tokenizer, pairs, tmp_path / "full", top_k=TOP_K, max_length=DPO_MAX_LENGTH,
+                         progress=False)
+    assert stored_teacher_info(quantized).teacher_quantization == "4bit"
+    assert quantized["chosen_teacher_logps"] != full["chosen_teacher_logps"]
+    live = _dpo(tmp_path, copy.deepcopy(student), str(tmp_path / "teacher"), tokenizer, pairs, "live",
+                dpo_weight=0.5, teacher_quantization="4bit")
+    assert getattr(live.teacher_model, "is_loaded_in_4bit", False)
+    offline = _dpo(tmp_path, student, None, tokenizer, quantized, "offline", dpo_weight=0.5, max_steps=1,
+                   per_device_train_batch_size=4)
+    live_batch = live.data_collator(list(live.train_dataset.select(range(4))))
+    expected, expected_grads, _ = _dpo_loss_and_grads(live, live_batch)
+    got, got_grads, _ = _dpo_loss_and_grads(offline, offline.data_collator(list(offline.train_dataset.select(range(4)))))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    offline.train()
+    assert torch.isfinite(torch.tensor(offline.state.log_history[0]["loss"]))
