@@ -402,9 +402,25 @@ def test_4bit_teacher_scores_and_dckd_trains_from_it_like_the_live_4bit_teacher(
                    per_device_train_batch_size=4)
     live_batch = live.data_collator(list(live.train_dataset.select(range(4))))
     expected, expected_grads, _ = _dpo_loss_and_grads(live, live_batch)
-    got, got_grads, _ = _dpo_loss_and_grads(offline, offline.data_collator(list(offline.train_dataset.select(range(4)))))
+    offline_batch = offline.data_collator(list(offline.train_dataset.select(range(4))))
+    got, got_grads, _ = _dpo_loss_and_grads(offline, offline_batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for name in expected_grads:
         torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
     offline.train()
     assert torch.isfinite(torch.tensor(offline.state.log_history[0]["loss"]))
+
+
+def test_offline_dpo_alone_equals_the_live_teacher_ref_mode(tmp_path, student, teacher, tokenizer, pairs, scored_pairs):
+    """mode="dckd" with only dpo_weight > 0 from stored data is TRL's DPO loss with the teacher as reference."""
+    live = _dpo(tmp_path, copy.deepcopy(student), teacher, tokenizer, pairs, "live", mode="teacher_ref")
+    offline = _dpo(tmp_path, student, None, tokenizer, scored_pairs, "offline", dpo_weight=1.0, sft_weight=0.0,
+                   chosen_kd_weight=0.0, rejected_kd_weight=0.0)
+    live_batch = live.data_collator([live.train_dataset[i] for i in range(4)])
+    offline_batch = offline.data_collator([offline.train_dataset[i] for i in range(4)])
+    expected, expected_grads, expected_metrics = _dpo_loss_and_grads(live, live_batch)
+    got, got_grads, got_metrics = _dpo_loss_and_grads(offline, offline_batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert got_metrics["rewards/margins"] == pytest.approx(expected_metrics["rewards/margins"], rel=1e-4, abs=1e-6)
