@@ -324,6 +324,8 @@ def test_offline_dpo_refuses_other_data(tmp_path, student, teacher, tokenizer, p
                         max_length=DPO_MAX_LENGTH, progress=False)
     with pytest.raises(ValueError, match="temperature"):
         _dpo(tmp_path, student, None, tokenizer, hot, "bad")
+    with pytest.raises(ValueError, match="top_k=50 exceeds"):
+        score_dataset(teacher, tokenizer, pairs, tmp_path / "wide", top_k=50, progress=False)
     trainer = _dpo(tmp_path, student, None, tokenizer, scored_pairs, "collate")
     shifted = dict(trainer.train_dataset[1])
     shifted["rejected_teacher_token_ids"] = [t + 1 for t in shifted["rejected_teacher_token_ids"]]

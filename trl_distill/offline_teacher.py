@@ -332,6 +332,8 @@ def score_dataset(
                          model_init_kwargs=teacher_model_init_kwargs,
                          device=None if teacher_quantization else state.device)
     columns = check_vocab_compatible(tokenizer, teacher_model=model)
+    if top_k > columns:  # the stored lists have exactly k entries
+        raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({columns} tokens): set top_k <= {columns}.")
     info = StoredTeacherInfo(
         teacher=teacher_label, teacher_revision=teacher_revision, teacher_adapter=teacher_adapter and str(teacher_adapter),
         teacher_quantization=teacher_quantization, temperature=float(temperature), top_k=int(top_k),
