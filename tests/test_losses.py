@@ -291,6 +291,66 @@ def test_stored_top_k_teacher_equals_teacher_top_k(loss_type):
     assert sliced.item() == pytest.approx(via_top_k.item(), rel=1e-12)
 
 
+def confident_student(teacher, k, rest_mass, seed):
+    """float64 student logits whose mass outside the teacher's top-k tokens is exactly `rest_mass` at every row."""
+    top_ids = teacher.topk(k, dim=-1).indices
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(teacher.shape, generator=generator, dtype=torch.float64)  # outside: c + noise
+    inside = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, top_ids, True)
+    top_total = torch.where(inside, student.exp(), 0.0).sum(dim=-1, keepdim=True)
+    outside_total = torch.where(inside, 0.0, student.exp()).sum(dim=-1, keepdim=True)
+    shift = (rest_mass * top_total / (outside_total * (1 - rest_mass))).log()
+    return torch.where(inside, student, student + shift)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("rest_mass", [2e-7, 1.3e-9])
+def test_float32_top_k_rest_bucket_is_exact_for_a_confident_student(loss_type, rest_mass):
+    # Issue 16: the student's rest was 1 - sum(exp(top-k)) in float32, which cancels when the student puts almost no
+    # mass outside the teacher's top-k (forward KL at rest 1.3e-9 gave 14.30 instead of 17.32). It is now a
+    # log-sum-exp over the other tokens: float32 must match float64, value and gradient, dense and chunked.
+    vocab, k = 100, 5
+    teacher = logits(3, vocab, seed=60)
+    student = confident_student(teacher, k, rest_mass, seed=61)
+    outside_mass = F.softmax(student, -1).scatter(-1, teacher.topk(k, -1).indices, 0.0).sum(-1)
+    torch.testing.assert_close(outside_mass, torch.full((3,), rest_mass, dtype=torch.float64), rtol=1e-9, atol=0)
+    parameters = PARAMETERS.get(loss_type, {})
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        z = student.to(dtype).requires_grad_()
+        value = FUNCTIONS[loss_type](z, teacher.to(dtype), teacher_top_k=k, **parameters)
+        (grad,) = torch.autograd.grad(value, z)
+        stored = FUNCTIONS[loss_type](z, teacher_topk(teacher.to(dtype), k), **parameters)
+        assert stored.item() == pytest.approx(value.item(), rel=1e-6)
+        eye = torch.eye(vocab, dtype=dtype)  # chunked path: hidden states = logits, identity head
+        chunked = chunked_divergence(loss_type, z, eye, teacher_logits=teacher.to(dtype), teacher_top_k=k,
+                                     chunk_size=2, **parameters)
+        (chunked_grad,) = torch.autograd.grad(chunked, z)
+        results[dtype] = (value.item(), grad.double(), chunked.item(), chunked_grad.double())
+    exact_value, exact_grad, _, _ = results[torch.float64]
+    assert exact_value == pytest.approx(ref_loss(loss_type, student, teacher, k=k, **parameters), rel=1e-8)
+    value32, grad32, chunked32, chunked_grad32 = results[torch.float32]
+    assert value32 == pytest.approx(exact_value, rel=1e-5, abs=1e-6)
+    assert chunked32 == pytest.approx(exact_value, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad32, exact_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked_grad32, exact_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_stored_rest_is_used_and_merged_when_slicing():
+    # the stored rest enters the rest bucket as given; a stored teacher without it falls back to 1 - sum
+    teacher, student = logits(4, 30, seed=62), logits(4, 30, seed=63).requires_grad_()
+    wide = teacher_topk(teacher, 8)
+    expected_rest = torch.log1p(-F.softmax(teacher, -1).topk(8, -1).values.sum(-1))
+    torch.testing.assert_close(wide.rest_logprobs, expected_rest)
+    no_rest = TopKTeacher(wide.ids, wide.logprobs)
+    assert forward_kl(student, no_rest).item() == pytest.approx(forward_kl(student, wide).item(), rel=1e-10)
+    # slicing to top 3 moves the 5 dropped entries into the rest
+    sliced = forward_kl(student, wide, teacher_top_k=3)
+    assert sliced.item() == pytest.approx(forward_kl(student, teacher, teacher_top_k=3).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="rest_logprobs"):
+        TopKTeacher(wide.ids, wide.logprobs, wide.rest_logprobs[:2])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Gradients
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     trl-distill gkd --config examples/gkd_addition.yaml
     trl-distill addition-assets --output_dir outputs/addition     # tiny offline models + data for the recipes
+    trl-distill teacher-topk --teacher outputs/addition/teacher --dataset addition --top_k 64 --output_dir out/top64
 
 Every field of the trainer's config (and TRL's `ScriptArguments` / `ModelConfig`) is a flag and a YAML key;
 `trl-distill gkd --help` lists them with their help text.
@@ -133,8 +134,13 @@ def _train(trainer_class, datasets, script_args, training_args, model_args, **tr
 def run_gkd(script_args, training_args, model_args) -> None:
     from .trainers.gkd import GKDVariant
 
-    teacher = _require_teacher(training_args, "gkd")
-    datasets = load_datasets(script_args, format="messages")  # TRL's GKD collator reads the "messages" column
+    from .offline_teacher import is_teacher_topk_dir, load_teacher_topk
+
+    if is_teacher_topk_dir(script_args.dataset_name):  # stored teacher: no teacher model is loaded
+        teacher, datasets = None, (load_teacher_topk(script_args.dataset_name), None)
+    else:
+        teacher = _require_teacher(training_args, "gkd")
+        datasets = load_datasets(script_args, format="messages")  # TRL's GKD collator reads the "messages" column
     _train(GKDVariant, datasets, script_args, training_args, model_args, teacher_model=teacher)
 
 
@@ -150,8 +156,13 @@ def run_okd(script_args, training_args, model_args) -> None:
 def run_distill_dpo(script_args, training_args, model_args) -> None:
     from .trainers.distill_dpo import DistillDPOTrainer
 
-    teacher = _require_teacher(training_args, "distill-dpo")
-    datasets = load_preference_datasets(script_args)
+    from .offline_teacher import is_teacher_topk_dir, load_teacher_topk
+
+    if is_teacher_topk_dir(script_args.dataset_name):  # stored teacher (mode=dckd): no teacher model is loaded
+        teacher, datasets = None, (load_teacher_topk(script_args.dataset_name), None)
+    else:
+        teacher = _require_teacher(training_args, "distill-dpo")
+        datasets = load_preference_datasets(script_args)
     _train(DistillDPOTrainer, datasets, script_args, training_args, model_args, teacher_model=teacher)
 
 
@@ -234,20 +245,29 @@ def addition_assets(argv: list[str]) -> None:
         print(f"wrote {out / name}")
 
 
+def _teacher_topk(argv: list[str]) -> None:
+    """Score a dataset with a teacher once and store its top-k log-probs (offline teacher)."""
+    from .offline_teacher import main as teacher_topk_main
+
+    teacher_topk_main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = sorted([*COMMANDS, "addition-assets"])
+    # Commands with their own argument parsing (no trainer config).
+    standalone = {"addition-assets": addition_assets, "teacher-topk": _teacher_topk}
+    names = sorted([*COMMANDS, *standalone])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
         print(__doc__)
         print("sub-commands:")
         for name in names:
-            print(f"  {name:16s} {COMMANDS[name][0] if name in COMMANDS else addition_assets.__doc__}")
+            print(f"  {name:16s} {COMMANDS[name][0] if name in COMMANDS else standalone[name].__doc__}")
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"trl-distill: unknown sub-command {argv[0]!r}; choose one of {names}.")
         return
     command, rest = argv[0], argv[1:]
-    if command == "addition-assets":
-        addition_assets(rest)
+    if command in standalone:
+        standalone[command](rest)
         return
     from trl import ModelConfig, TrlParser
 

@@ -40,12 +40,16 @@ class TopKTeacher:
     """Sparse (e.g. stored/offline) teacher: the teacher's k most likely token ids and their log-probs
     (log-probs already at the loss temperature: the student side alone is divided by `temperature`).
 
-    :func:`teacher_topk` builds one from dense logits, sorted by descending log-prob. Storing one costs
-    ``k`` ids and ``k`` log-probs per token instead of ``V`` logits.
+    :func:`teacher_topk` builds one from dense logits, sorted by descending log-prob, with `rest_logprobs`: the log
+    of the mass outside the k tokens, computed by log-sum-exp over the other tokens. Without it the rest is taken as
+    ``1 - sum(exp(logprobs))``, which cancels in float32 when the rest is below ~1e-6 (the rest bucket is then
+    floored at the dtype's epsilon). Storing one costs ``k`` ids, ``k`` log-probs and one rest log-prob per token
+    instead of ``V`` logits.
     """
 
     ids: Tensor  # [..., k] long
     logprobs: Tensor  # [..., k] float
+    rest_logprobs: Tensor | None = None  # [...] float: log(1 - sum of the k probabilities), computed stably
 
     def __post_init__(self):
         if self.ids.shape != self.logprobs.shape:
@@ -55,10 +59,20 @@ class TopKTeacher:
             )
         if self.ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"TopKTeacher.ids must be an integer tensor, got {self.ids.dtype}")
+        if self.rest_logprobs is not None and self.rest_logprobs.shape != self.ids.shape[:-1]:
+            raise ValueError(
+                f"TopKTeacher.rest_logprobs must have the leading shape of ids, {tuple(self.ids.shape[:-1])}, "
+                f"got {tuple(self.rest_logprobs.shape)}"
+            )
 
     @property
     def k(self) -> int:
         return self.ids.shape[-1]
+
+    def select(self, index) -> "TopKTeacher":
+        """The entries at `index` of the leading dimensions (a mask, a slice or an index tensor)."""
+        rest = None if self.rest_logprobs is None else self.rest_logprobs[index]
+        return TopKTeacher(self.ids[index], self.logprobs[index], rest)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,26 +154,45 @@ def _finite(teacher_logprobs: Tensor, in_place: bool = False) -> Tensor:
     return teacher_logprobs.clamp_(min=floor) if in_place else teacher_logprobs.clamp(min=floor)
 
 
-def _with_rest_bucket(logprobs_on_ids: Tensor) -> Tensor:
-    """[..., k] log-probs of k tokens -> [..., k+1], the last bucket holding the remaining mass ``1 - sum``.
+def _log_rest(logprobs: Tensor, ids: Tensor) -> Tensor:
+    """[..., V] log-probs and [..., k] distinct ids -> [..., 1] log of the mass outside those ids, computed stably.
 
-    With k = V the true rest is 0 but rounding makes ``1 - sum`` a tiny value of either sign. The rest is floored at
-    the dtype's epsilon, on the student and the teacher side alike: no ``log 0`` (so no NaN gradient), and the
-    rest bucket then adds at most ~eps * log(1/eps) to any divergence (about 2e-6 in float32).
+    Log-sum-exp over the other tokens: ``log(1 - sum(exp(...)))`` cancels when the k tokens hold almost all the mass
+    (in float32 a rest below ~1e-6 is lost in the rounding of the sum, which made a confident student's loss and
+    gradient wrong). Gradients flow into the tokens outside `ids` only. With k >= V nothing is outside: the rest is
+    empty and set to the dtype's epsilon on both sides (equal there, so it adds exactly nothing to any divergence).
+    The ids are overwritten with (and -inf entries floored at) the most negative finite float, not -inf: a row whose
+    outside tokens all have zero mass then gets a zero-mass rest and a zero gradient instead of -inf and NaN.
     """
+    if ids.shape[-1] >= logprobs.shape[-1]:
+        return logprobs.new_full((*logprobs.shape[:-1], 1), math.log(torch.finfo(logprobs.dtype).eps))
+    floor = torch.finfo(logprobs.dtype).min
+    outside = logprobs.scatter(-1, ids.long(), floor).clamp_(min=floor)
+    return torch.logsumexp(outside, dim=-1, keepdim=True)
+
+
+def _log_rest_from_sum(logprobs_on_ids: Tensor) -> Tensor:
+    """[..., k] log-probs -> [..., 1] ``log(1 - sum)``, for a stored teacher without its rest: floored at the dtype's
+    epsilon (no ``log 0``); loses precision when the rest is below ~1e-6 in float32 (see :func:`_log_rest`)."""
     floor = torch.finfo(logprobs_on_ids.dtype).eps
-    rest = (1.0 - logprobs_on_ids.exp().sum(dim=-1, keepdim=True)).clamp(min=floor)
-    return torch.cat([logprobs_on_ids, rest.log()], dim=-1)
+    return (1.0 - logprobs_on_ids.exp().sum(dim=-1, keepdim=True)).clamp(min=floor).log()
 
 
 def _top_k_of(teacher: TopKTeacher, top_k: int | None) -> TopKTeacher:
-    """Keep the `top_k` most likely of a stored teacher's entries (all of them when `top_k` is None)."""
+    """Keep the `top_k` most likely of a stored teacher's entries (all of them when `top_k` is None); the dropped
+    entries' mass joins the rest."""
     if top_k is None or top_k == teacher.k:
         return teacher
     if top_k > teacher.k:
         raise ValueError(f"teacher_top_k ({top_k}) exceeds the k={teacher.k} entries the TopKTeacher holds")
-    logprobs, position = teacher.logprobs.topk(top_k, dim=-1)  # does not rely on the stored order
-    return TopKTeacher(ids=teacher.ids.gather(-1, position), logprobs=logprobs)
+    order = teacher.logprobs.argsort(dim=-1, descending=True)  # does not rely on the stored order
+    kept, dropped = order[..., :top_k], order[..., top_k:]
+    rest = None
+    if teacher.rest_logprobs is not None:
+        dropped_mass = torch.logsumexp(teacher.logprobs.gather(-1, dropped), dim=-1)
+        rest = torch.logaddexp(teacher.rest_logprobs.to(dropped_mass.dtype), dropped_mass)
+    return TopKTeacher(ids=teacher.ids.gather(-1, kept), logprobs=teacher.logprobs.gather(-1, kept),
+                       rest_logprobs=rest)
 
 
 def _log_distributions(
@@ -184,10 +217,16 @@ def _log_distributions(
         if top_k is None:
             return student_logprobs, teacher_logprobs
         logprobs, ids = teacher_logprobs.topk(min(top_k, teacher_logprobs.shape[-1]), dim=-1)
-        teacher = TopKTeacher(ids=ids, logprobs=logprobs)
-    student_on_ids = student_logprobs.gather(-1, teacher.ids.long())
+        teacher = TopKTeacher(ids=ids, logprobs=logprobs, rest_logprobs=_log_rest(teacher_logprobs, ids)[..., 0])
+    ids = teacher.ids.long()
+    student_on_ids = student_logprobs.gather(-1, ids)
+    student_rest = _log_rest(student_logprobs, ids)
     teacher_on_ids = _finite(teacher.logprobs.detach().to(student_logprobs.dtype))
-    return _with_rest_bucket(student_on_ids), _with_rest_bucket(teacher_on_ids)
+    if teacher.rest_logprobs is None:
+        teacher_rest = _log_rest_from_sum(teacher_on_ids)
+    else:
+        teacher_rest = _finite(teacher.rest_logprobs.detach().to(student_logprobs.dtype)).unsqueeze(-1)
+    return torch.cat([student_on_ids, student_rest], dim=-1), torch.cat([teacher_on_ids, teacher_rest], dim=-1)
 
 
 def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TopKTeacher:
@@ -199,13 +238,14 @@ def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> To
         temperature: the loss temperature the log-probs are taken at
 
     Returns:
-        TopKTeacher with [..., k] long ids and float32 (or float64) log-probs, sorted by descending log-prob, detached.
+        TopKTeacher with [..., k] long ids and float32 (or float64) log-probs, sorted by descending log-prob, and the
+        [...] log-mass outside them (``rest_logprobs``, log-sum-exp of the other tokens), detached.
     """
     _check_top_k(k, "k")
     _check_temperature(temperature)
-    logprobs = _log_softmax(teacher_logits.detach(), temperature)
+    logprobs = _finite(_log_softmax(teacher_logits.detach(), temperature), in_place=True)
     values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-    return TopKTeacher(ids=ids, logprobs=values)
+    return TopKTeacher(ids=ids, logprobs=values, rest_logprobs=_log_rest(logprobs, ids)[..., 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,8 +453,8 @@ def _dense_divergence(
         # Select the counted rows first: masked positions cost nothing and cannot leak NaN/inf into the sum.
         mask = mask.bool()
         student_logits = student_logits[mask]
-        teacher_logits = (TopKTeacher(teacher_logits.ids[mask], teacher_logits.logprobs[mask])
-                          if isinstance(teacher_logits, TopKTeacher) else teacher_logits[mask])
+        teacher_logits = (teacher_logits.select(mask) if isinstance(teacher_logits, TopKTeacher)
+                          else teacher_logits[mask])
     per_position = _divergence_per_position(
         loss_type, student_logits, teacher_logits, temperature, teacher_top_k, parameters
     )
@@ -544,7 +584,8 @@ class _ChunkPlan:
         """The teacher's logits (or top-k entries) for one chunk; projected here when given as hidden states."""
         if isinstance(self.teacher_logits, TopKTeacher):
             stored = self.teacher_logits
-            return TopKTeacher(self.take(stored.ids, start), self.take(stored.logprobs, start))
+            return TopKTeacher(self.take(stored.ids, start), self.take(stored.logprobs, start),
+                               self.take(stored.rest_logprobs, start))
         if self.teacher_logits is not None:
             return self.take(self.teacher_logits, start)
         with torch.no_grad():
@@ -757,8 +798,10 @@ def chunked_divergence(
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     elif isinstance(teacher_logits, TopKTeacher):
         _check_lead_shape("teacher_logits (TopKTeacher)", teacher_logits.ids.shape[:-1], lead_shape)
+        rest = teacher_logits.rest_logprobs
         teacher_logits = TopKTeacher(teacher_logits.ids.reshape(-1, teacher_logits.k),
-                                     teacher_logits.logprobs.detach().reshape(-1, teacher_logits.k))
+                                     teacher_logits.logprobs.detach().reshape(-1, teacher_logits.k),
+                                     None if rest is None else rest.detach().reshape(-1))
     else:
         _check_vocab(vocab_size, teacher_logits.shape[-1])
         _check_lead_shape("teacher_logits", teacher_logits.shape[:-1], lead_shape)

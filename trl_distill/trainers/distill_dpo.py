@@ -33,7 +33,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .. import losses
+from .. import losses, offline_teacher
 from ._common import DistillArguments, DistillTrainerMixin
 from ..teacher import (
     check_plain_logits,
@@ -265,6 +265,9 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
     Args are those of `DPOTrainer` except `ref_model`, replaced by `teacher_model`: a model, a local path or a Hub id
     (default `args.teacher_model_name_or_path`), loaded through [`trl_distill.teacher.load_teacher`] (4-bit and a
     frozen LoRA adapter on request, see [`DistillDPOConfig`]). The teacher and the student must share a tokenizer.
+    With no teacher at all, `mode="dckd"` trains from preference data scored by `trl-distill teacher-topk`
+    ([`trl_distill.offline_teacher.check_dpo_run`], docs/offline_teacher.md): the KL terms read the stored top-k and
+    DPO's reference log-probs are the stored teacher's, so no reference model is created.
 
     Logged metrics (train and eval): everything TRL's DPO logs (`rewards/chosen`, `rewards/rejected`,
     `rewards/margins`, `rewards/accuracies`, `logps/*`, ...; rewards measured against the teacher reference) and, for
@@ -300,11 +303,12 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
             )
         kwargs.pop("ref_model", None)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError(
-                "DistillDPOTrainer needs a `teacher_model` (a model, a local path or a Hub id) or "
-                "`DistillDPOConfig.teacher_model_name_or_path`."
-            )
+        stored = teacher_model is None  # offline: the teacher's top-k and log-probs come with the dataset
+        if stored:
+            self.stored_teacher_info = offline_teacher.check_dpo_run(args, kwargs.get("processing_class"), kwargs)
+            # The stored sequence log-probs are TRL's precomputed reference (see `_precompute_ref_logps`), and the
+            # collator needs the stored columns that TRL's signature columns would drop.
+            args.precompute_ref_log_probs, args.remove_unused_columns = True, False
         validate_datasets(
             "DistillDPOTrainer",
             kwargs.get("processing_class"),
@@ -312,7 +316,7 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
             kwargs.get("eval_dataset"),
             formats=PREFERENCE_FORMATS,
         )
-        teacher = load_teacher(
+        teacher = None if stored else load_teacher(
             teacher_model,
             quantization=args.teacher_quantization,
             adapter=args.teacher_adapter,
@@ -330,14 +334,20 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
 
         # TRL patches `ref_model.forward` with its fused LM head and expects a transformers model there: hand it the
         # model under the PEFT wrapper, whose LoRA layers stay live, i.e. the aligned teacher (adapter on).
-        super().__init__(model, ref_model=_transformers_model(teacher), args=args, **kwargs)
+        super().__init__(model, ref_model=None if stored else _transformers_model(teacher), args=args, **kwargs)
         disable_cpu_4bit_packing(self.model)  # a QLoRA student on CPU would lose its gradients after no-grad passes
         self.teacher_model = teacher
         self.vocab_columns = self._check_vocabularies(self.processing_class, self.model, teacher)
+        if stored:
+            self.vocab_columns = offline_teacher.stored_vocab_columns(self.stored_teacher_info, self.vocab_columns)
+            self.data_collator = offline_teacher.StoredPreferenceTeacherCollator(
+                self.data_collator, self.stored_teacher_info.top_k
+            )
         if any((args.sft_weight, args.chosen_kd_weight, args.rejected_kd_weight, args.adpa_weight)):
             # The terms project backbone outputs through the heads; softcapped or scaled logits would differ.
             for distilled in (self.model, teacher):
-                check_plain_logits(_transformers_model(distilled))
+                if distilled is not None:
+                    check_plain_logits(_transformers_model(distilled))
         self._adds_distillation_terms = any(
             (args.sft_weight, args.chosen_kd_weight, args.rejected_kd_weight, args.adpa_weight)
         ) or args.dpo_weight != 1.0
@@ -354,6 +364,11 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
             getattr(processing_class, "tokenizer", processing_class), student_model=student, teacher_model=teacher
         )
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if getattr(self, "stored_teacher_info", None) is not None:
+            return dataset  # the collator turns the stored teacher's sequence log-probs into ref_*_logps
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._adds_distillation_terms:
@@ -366,8 +381,9 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
         args = self.args
         metric_mode = "train" if self.model.training else "eval"
         student = self.accelerator.unwrap_model(model)
-        with _FirstBackboneOutput(_backbone(student)) as student_out, \
-                _FirstBackboneOutput(_backbone(self.teacher_model)) as teacher_out:
+        stored = self.teacher_model is None  # offline: the stored teacher comes with the batch
+        teacher_hook = contextlib.nullcontext() if stored else _FirstBackboneOutput(_backbone(self.teacher_model))
+        with _FirstBackboneOutput(_backbone(student)) as student_out, teacher_hook as teacher_out:
             result = super()._compute_loss(model, inputs, return_outputs)
         dpo_loss, outputs = result if return_outputs else (result, None)
         # A zero weight keeps DPO's rewards/margins as metrics without back-propagating through its graph.
@@ -396,21 +412,24 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
             terms["sft_loss"] = total.detach() / max(n_chosen, 1)
             loss = loss + args.sft_weight * self._token_mean(total, "chosen", n_chosen)
 
-        if uses_teacher_on_batch:
+        if uses_teacher_on_batch and stored:  # [N, k] stored top-k at the same completion positions
+            teacher_logits = offline_teacher.stored_teacher(inputs).select(positions)
+        elif uses_teacher_on_batch:
             with torch.no_grad():
                 teacher_hidden = teacher_out.hidden  # None with precompute_ref_log_probs: no reference forward ran
                 if teacher_hidden is None:
                     teacher_hidden = backbone_hidden_states(self.teacher_model, input_ids, attention_mask)
                 teacher_logits = _logits_at(self.teacher_model, teacher_hidden, positions, columns)
                 teacher_logits = teacher_logits.to(student_logits.device)
+        if uses_teacher_on_batch:
             for name, weight, rows, group, count in (
                 ("kl_chosen", args.chosen_kd_weight, is_chosen, "chosen", n_chosen),
                 ("kl_rejected", args.rejected_kd_weight, ~is_chosen, "rejected", n_rejected),
             ):
                 if weight:
+                    teacher_rows = teacher_logits.select(rows) if stored else teacher_logits[rows]
                     total = losses.forward_kl(
-                        student_logits[rows, :columns], teacher_logits[rows], teacher_top_k=args.teacher_top_k,
-                        num_items=1,
+                        student_logits[rows, :columns], teacher_rows, teacher_top_k=args.teacher_top_k, num_items=1,
                     )
                     terms[name] = total.detach() / max(count, 1)
                     loss = loss + weight * self._token_mean(total, group, count)

@@ -19,7 +19,7 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from .. import losses
+from .. import losses, offline_teacher
 from ._common import DistillArguments, DistillTrainerMixin
 from ._sft import check_divergence_fields, divergence_loss_type
 from ..teacher import (
@@ -108,6 +108,8 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
 
     Args are those of `GKDTrainer`; `teacher_model` may be a model, a path or a Hub id. It is loaded through
     [`trl_distill.teacher.load_teacher`] (4-bit and a frozen adapter on request, see [`GKDVariantConfig`]).
+    `teacher_model=None` trains off-policy (`lmbda=0`, no `seq_kd`) from a stored teacher: a dataset scored by
+    `trl-distill teacher-topk` ([`trl_distill.offline_teacher`], docs/offline_teacher.md).
 
     Logged metrics (train and eval): `divergence` (the loss without normalisation tricks), `teacher_agreement`
     (fraction of completion tokens where teacher and student argmax agree), `on_policy_fraction` (fraction of
@@ -123,11 +125,12 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
             raise ValueError("GKDVariant needs `args=GKDVariantConfig(...)` (an output_dir at least).")
         if not isinstance(args, GKDVariantConfig):
             raise TypeError(f"GKDVariant expects a GKDVariantConfig, got {type(args).__name__}.")
-        if teacher_model is None:
-            raise ValueError("GKDVariant needs a `teacher_model` (a model, a local path or a Hub id).")
         processing_class = kwargs.get("processing_class")
         if processing_class is None:
             raise ValueError("GKDVariant needs `processing_class` (the student's tokenizer).")
+        stored = teacher_model is None  # offline: the teacher's top-k come with the dataset
+        if stored:
+            self.stored_teacher_info = offline_teacher.check_gkd_run(args, processing_class, kwargs)
 
         # GKD's default collator (DataCollatorForChatML) reads the raw `messages` column of every row.
         validate_datasets(
@@ -138,17 +141,22 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
             formats=(("messages",),) if kwargs.get("data_collator") is None else None,
             hint="GKD trains on conversations: a `messages` list of role/content dicts ending with the completion.",
         )
-        teacher_model = load_teacher(
-            teacher_model,
-            quantization=args.teacher_quantization,
-            adapter=args.teacher_adapter,
-            model_init_kwargs=args.teacher_model_init_kwargs,
-        )
+        if not stored:
+            teacher_model = load_teacher(
+                teacher_model,
+                quantization=args.teacher_quantization,
+                adapter=args.teacher_adapter,
+                model_init_kwargs=args.teacher_model_init_kwargs,
+            )
 
         # Mirrors GKDTrainer's own set-up: the collator needs the raw `messages` column.
         args.remove_unused_columns = False
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = DataCollatorForChatML(tokenizer=processing_class, max_length=args.max_length)
+        if stored:  # the stored columns ride along the collator's truncation, as its labels
+            kwargs["data_collator"] = offline_teacher.StoredTeacherCollator(
+                kwargs["data_collator"], self.stored_teacher_info.top_k
+            )
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
         # GKDTrainer.__init__ would reject any difference in `config.vocab_size`, which also rejects real pairs
@@ -162,10 +170,14 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         self.vocab_columns = check_vocab_compatible(
             self.processing_class, student_model=self.model, teacher_model=teacher_model
         )
+        if stored:
+            self.vocab_columns = offline_teacher.stored_vocab_columns(self.stored_teacher_info, self.vocab_columns)
 
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
-        if self.is_deepspeed_enabled:
+        if stored:
+            self.teacher_model = None
+        elif self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
@@ -252,6 +264,8 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         # Position t predicts token t+1: drop the last hidden state, compare against labels[1:].
         mask = inputs["labels"][:, 1:] != -100
         student_hidden = backbone_hidden_states(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
+        if self.teacher_model is None:
+            return self._stored_chunked_loss(student, student_hidden, inputs, mask, num_items_in_batch)
         with torch.no_grad():
             teacher_hidden = backbone_hidden_states(
                 self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
@@ -279,16 +293,42 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
 
         return self._as_heads_forward(student_head, teacher_head, chunked_loss)  # gathers ZeRO-3 head shards
 
+    def _stored_chunked_loss(self, student, student_hidden, inputs, mask, num_items_in_batch):
+        """The chunked loss against the stored teacher's top-k (offline: no teacher forward)."""
+        student_head = output_head(student)
+        columns = self.vocab_columns
+        self._watch_terms({"student hidden states": student_hidden})
+
+        def chunked_loss():
+            return losses.chunked_divergence(
+                self.args.loss_type,
+                student_hidden,
+                student_head.weight[:columns],
+                teacher_logits=offline_teacher.stored_teacher(inputs),
+                student_bias=None if student_head.bias is None else student_head.bias[:columns],
+                mask=mask,
+                num_items=num_items_in_batch,
+                chunk_size=self.args.loss_chunk_size,
+                return_stats=True,
+                **self._loss_kwargs(),
+            )
+
+        return self._forward_redirection(student_head, student_head, chunked_loss)  # gathers ZeRO-3 head shards
+
     def _dense_loss(self, model, inputs, num_items_in_batch):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         outputs = model(**model_inputs, use_cache=False)
-        with torch.no_grad():
-            teacher_logits = self.teacher_model(**model_inputs, use_cache=False).logits
         columns = self.vocab_columns
         student_logits = outputs.logits[:, :-1, :columns]
-        teacher_logits = teacher_logits[:, :-1, :columns].to(student_logits.device)
+        if self.teacher_model is None:
+            teacher_logits = offline_teacher.stored_teacher(inputs)  # TopKTeacher over [B, L-1]
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**model_inputs, use_cache=False).logits
+            teacher_logits = teacher_logits[:, :-1, :columns].to(student_logits.device)
         mask = inputs["labels"][:, 1:] != -100
-        self._watch_terms({"student logits": student_logits, "teacher logits": teacher_logits})
+        self._watch_terms({"student logits": student_logits,
+                           "teacher logits": getattr(teacher_logits, "logprobs", teacher_logits)})
         loss = losses.divergence(
             self.args.loss_type,
             student_logits,
@@ -299,7 +339,7 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         )
         with torch.no_grad():
             n = mask.sum().clamp(min=1)
-            agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)) & mask
+            agree = (student_logits.argmax(-1) == losses._teacher_argmax(teacher_logits)) & mask
             divergence = loss.detach() if num_items_in_batch is None else loss.detach() * num_items_in_batch / n
             stats = {"divergence": divergence, "agreement": agree.sum() / n}
         return loss, stats, outputs
