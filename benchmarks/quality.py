@@ -224,7 +224,9 @@ def preference_data(cfg, model, seed: int, k: int = 4) -> dict:
     A prompt with at least one invalid sample makes a pair: chosen = its first valid sample, rejected = its first
     invalid one. When none of the k samples is valid, the chosen is the prompt's training completion (a sample of
     p*), and the list's first sample is replaced by it; ``chosen_from_data`` reports how often (a student far from
-    p*, as in the smoke run). Prompts whose k samples are all valid teach no preference and are left out.
+    p*, as in the smoke run). Prompts whose k samples are all valid teach no preference and are left out, and so are
+    prompts with an empty sample (the end token first), which the trainers refuse as data; ``n_pairs`` counts the
+    prompts kept.
     """
     import torch
     from datasets import Dataset
@@ -241,8 +243,8 @@ def preference_data(cfg, model, seed: int, k: int = 4) -> dict:
     for i, prompt in enumerate(prompts.tolist()):
         texts = [hmm_task.decode_words(samples[j][i], task().n_words) for j in range(k)]
         rewards = [float(valid[j][i]) for j in range(k)]
-        if min(rewards) == 1.0:
-            continue
+        if min(rewards) == 1.0 or not all(texts):  # no preference to learn; or an empty sample (ends at once),
+            continue  # which TRL's trainers cannot train on
         if max(rewards) == 0.0:
             texts[0], rewards[0] = hmm_task.words_text(completions[i].tolist()), 1.0
             from_data += 1
