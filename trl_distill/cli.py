@@ -249,12 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     if command == "addition-assets":
         addition_assets(rest)
         return
+    script_args, training_args, model_args = make_parser(command).parse_args_and_config(args=rest)
+    COMMANDS[command][2](script_args, training_args, model_args)
+
+
+def make_parser(command: str):
+    """TRL's `TrlParser` over (script arguments, `command`'s config class, TRL's `ModelConfig`): YAML and flags."""
     from trl import ModelConfig, TrlParser
 
-    _, config_factory, runner = COMMANDS[command]
-    parser = TrlParser((DistillScriptArguments, config_factory(), ModelConfig), prog=f"trl-distill {command}")
-    script_args, training_args, model_args = parser.parse_args_and_config(args=rest)
-    runner(script_args, training_args, model_args)
+    return TrlParser((DistillScriptArguments, COMMANDS[command][1](), ModelConfig), prog=f"trl-distill {command}")
 
 
 if __name__ == "__main__":
