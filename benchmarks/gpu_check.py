@@ -69,6 +69,12 @@ SHAPES = {
     "teacher": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                     num_key_value_heads=2),
 }
+COMPARE_SHAPES = {  # benchmarks/onpolicy_vs_trl.py's CPU comparison
+    "student": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2),
+    "teacher": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2),
+}
 TINY_SHAPES = {
     "student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2),
@@ -79,7 +85,9 @@ TINY_SHAPES = {
 SIZES = {
     "full": dict(vocab=QWEN_VOCAB, batch=4, prompt=128, completion=128),
     "tiny": dict(vocab=256, batch=2, prompt=6, completion=6),
+    "compare": dict(vocab=32_000, batch=4, prompt=32, completion=64),
 }
+SHAPES_OF = {"full": SHAPES, "tiny": TINY_SHAPES, "compare": COMPARE_SHAPES}
 
 ROWS = {  # the optional rows (vLLM, Liger) last, so that a tight budget still leaves the comparison itself
     "gkd_off": "GKDVariant off-policy (lmbda=0)",
@@ -109,6 +117,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="256-word vocabulary, 2-layer models (smoke size)")
+    parser.add_argument("--size", choices=list(SIZES), default=None,
+                        help="full (default), tiny (= --tiny) or compare (CPU comparison: V=32000, 2-layer models)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of each row")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 4, tiny 2)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of tokens/s")
@@ -124,7 +135,8 @@ def parse_args(argv=None):
     parser.add_argument("--check-packages", action="store_true", help="print package versions and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row in this process, JSON on stdout
     args = parser.parse_args(argv)
-    size = "tiny" if args.tiny else "full"
+    size = args.size or ("tiny" if args.tiny else "full")
+    args.tiny = size == "tiny"
     if args.steps is None:
         args.steps = 2 if args.tiny else 4
     if args.teacher_4bit is None:
@@ -176,7 +188,7 @@ def build_assets(cli) -> Path:
     done = root / "done.json"
     if done.exists():
         return root
-    shapes = TINY_SHAPES if cli.tiny else SHAPES
+    shapes = SHAPES_OF[cli.size]
     tokenizer = make_word_tokenizer(size["vocab"])
     dtype = torch.float32 if cli.device == "cpu" else torch.bfloat16
     for offset, role in enumerate(("student", "teacher")):
@@ -339,8 +351,8 @@ def build_trainer(row: str, cli, assets: Path, counts: list):
         from trl_distill import GKDVariant, GKDVariantConfig
 
         extra = vllm_args if row == "gkd_on_vllm" else {}
-        config = GKDVariantConfig(
-            **args, lmbda=0.0 if row == "gkd_off" else 1.0, beta=0.5, loss_type="jsd",
+        config = GKDVariantConfig(  # temperature 1: DistillationTrainer's, so that every on-policy row samples alike
+            **args, lmbda=0.0 if row == "gkd_off" else 1.0, beta=0.5, loss_type="jsd", temperature=1.0,
             max_new_tokens=size["completion"], max_length=max_length, teacher_quantization=quantization,
             teacher_model_init_kwargs=teacher_kwargs, **extra,
         )
@@ -376,7 +388,8 @@ def build_trainer(row: str, cli, assets: Path, counts: list):
     if row.startswith("trl_gkd"):
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        config = GKDConfig(**args, lmbda=1.0, beta=0.5, max_new_tokens=size["completion"], max_length=max_length,
+        config = GKDConfig(**args, lmbda=1.0, beta=0.5, temperature=1.0, max_new_tokens=size["completion"],
+                           max_length=max_length,
                            use_liger_kernel=row.endswith("liger"))
         return counting(GKDTrainer, counts)(model=student(), teacher_model=loaded_teacher(), args=config,
                                             train_dataset=data["messages"], processing_class=tokenizer)
@@ -392,6 +405,17 @@ def build_trainer(row: str, cli, assets: Path, counts: list):
     raise ValueError(f"unknown row {row!r}")
 
 
+def import_trainers() -> None:
+    """Import every trainer a row can build (the same modules for every row)."""
+    import trl_distill.trainers.adpo  # noqa: F401
+    import trl_distill.trainers.distill_dpo  # noqa: F401
+    import trl_distill.trainers.gkd  # noqa: F401
+    import trl_distill.trainers.okd  # noqa: F401
+    import trl_distill.trainers.redi  # noqa: F401
+    from trl import DistillationTrainer  # noqa: F401
+    from trl.experimental.gkd import GKDTrainer  # noqa: F401
+
+
 def run_row(row: str, cli, assets: Path) -> dict:
     """Train `row` for ``--steps`` steps; tokens/s, peak memory and the logged losses (raises on failure)."""
     import torch
@@ -402,6 +426,9 @@ def run_row(row: str, cli, assets: Path) -> dict:
     cuda = cli.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    import_trainers()  # before the memory baseline, so that no row's peak counts imports
     memory = PeakMemory(cli.device)
     memory.start()
     if cuda:
