@@ -8,8 +8,10 @@ Everything is built offline (no Hub): a word-level tokenizer with exactly 151,93
 and a chat template, a student and a teacher built from `Qwen2Config` with random weights (student: Qwen2.5-0.5B's
 shape, teacher: Qwen2.5-1.5B's shape), saved once under ``--work-dir`` and loaded by every row. On CUDA the student
 trains in bf16 (`dtype=bfloat16`, `bf16=True`) and the teacher is loaded in 4-bit nf4 (bitsandbytes) by the trainer
-under test, as a user's run would load it; ``--tiny`` uses a 256-word vocabulary and 2-layer models and, on the CPU,
-fp32 and an unquantized teacher (``--teacher-4bit`` forces 4-bit).
+under test, as a user's run would load it (``--no-teacher-4bit`` loads it in bf16 instead, e.g. where bitsandbytes has
+no build for the machine's CUDA). ``--tiny`` uses a 256-word vocabulary and 2-layer models and, on the CPU, fp32 and
+an unquantized teacher (``--teacher-4bit`` forces 4-bit); ``--size compare`` is benchmarks/onpolicy_vs_trl.py's CPU
+size (32,000 words, 2-layer models). Every on-policy row samples at temperature 1 (DistillationTrainer's default).
 
 Rows (``--rows``; all by default):
 
@@ -24,7 +26,7 @@ Rows (``--rows``; all by default):
   `liger_kernel` is importable).
 
 Each row runs in a fresh Python process (``--in-process`` runs them in this one, for tests) with its own time limit
-(``--row-timeout``) inside an overall budget (``--budget``, default 420 s of rows): a row that fails, times out or
+(``--row-timeout``) inside an overall budget (``--budget``, default 400 s of rows): a row that fails, times out or
 is left without time is reported as such in the table and the next row runs. Per row:
 
 * tokens/s: non-padding tokens of the micro-batches the loss is computed on (on-policy batches counted as generated,
@@ -127,7 +129,7 @@ def parse_args(argv=None):
                         help="load the teacher in 4-bit nf4 (default: on CUDA yes, on the CPU no)")
     parser.add_argument("--in-process", action="store_true", help="run the rows in this process (tests)")
     parser.add_argument("--row-timeout", type=float, default=150.0, help="seconds one row may take (subprocess)")
-    parser.add_argument("--budget", type=float, default=420.0,
+    parser.add_argument("--budget", type=float, default=400.0,
                         help="seconds for all rows; rows left without time are reported as skipped")
     parser.add_argument("--work-dir", default="outputs/gpu_check/models", help="where the built models are saved")
     parser.add_argument("--output-dir", default="outputs/gpu_check")
@@ -212,6 +214,8 @@ def build_assets(cli) -> Path:
     # rebuilds a byte-level BPE and loses the word vocabulary): the script loads its own copy from a model-less one.
     tokenizer.save_pretrained(root / "tokenizer")
     done.write_text(json.dumps({"size": cli.size, "seed": cli.seed}))
+    if cli.device == "cuda":
+        torch.cuda.empty_cache()  # the rows run in other processes: hand the built models' memory back
     return root
 
 
