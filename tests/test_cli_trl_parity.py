@@ -130,3 +130,12 @@ def test_a_launched_process_trains_and_ignores_the_launcher_keys(tmp_path, monke
 
 def test_without_subsequence():
     assert launcher.without_subsequence(["a", "--n", "2", "b", "2"], ["--n", "2"]) == ["a", "b", "2"]
+
+
+def test_ignore_bias_buffers_leaves_boolean_buffers_out_of_ddp(tokenizer):
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    model.model.register_buffer("causal_mask", torch.ones(4, 4, dtype=torch.bool))
+    assert cli.ignore_bool_buffers_in_ddp(model) == ["model.causal_mask"]
+    assert model._ddp_params_and_buffers_to_ignore == ["model.causal_mask"]
+    script_args, _, _ = _parse("redi", ["--ignore_bias_buffers", "true", "--use_cpu", "true", "--output_dir", "x"])
+    assert script_args.ignore_bias_buffers

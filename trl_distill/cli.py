@@ -180,7 +180,19 @@ def _train(trainer_class, datasets, script_args, training_args, model_args, **tr
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
     )
+    if script_args.ignore_bias_buffers:
+        ignore_bool_buffers_in_ddp(trainer.model)
     _finish(trainer, training_args, script_args)
+
+
+def ignore_bool_buffers_in_ddp(model) -> list[str]:
+    """`ignore_bias_buffers`, as TRL's DPO script applies it: DDP leaves the model's boolean buffers (attention
+    masks kept as buffers) out of its broadcast, which fails on them (transformers#22482)."""
+    import torch
+
+    names = [name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool]
+    model._ddp_params_and_buffers_to_ignore = names
+    return names
 
 
 def run_gkd(script_args, training_args, model_args) -> None:
