@@ -129,3 +129,25 @@ def test_push_to_hub_uploads_model_and_card(tmp_path, tokenizer, student, teache
     assert not any(name.startswith(("checkpoint-", "_")) for name in files)
     card = files["README.md"].decode()
     assert "OKDTrainer" in card and "datasets: addition" in card and "user/tiny-okd" in card
+
+
+def test_card_is_trls_with_tracker_links_tags_and_our_sections(tmp_path, student, teacher, tokenizer, problems,
+                                                                monkeypatch):
+    """Built on TRL's `generate_model_card`: its template, `generated_from_trainer` tag and tracker links."""
+    import trl.trainer.utils
+
+    monkeypatch.setattr(trl.trainer.utils, "get_trackio_space_url", lambda: "https://huggingface.co/spaces/u/runs")
+    monkeypatch.setattr(trl.trainer.utils, "get_comet_experiment_url", lambda: "https://www.comet.com/u/p/e1")
+    trainer = build("gkd", tmp_path, tokenizer=tokenizer, student=student, teacher=teacher, problems=problems,
+                    max_steps=1)
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-student", dataset_name="addition", tags=["mine"])
+    card = (tmp_path / "README.md").read_text()
+    header = card.split("---")[1]
+    for tag in ("generated_from_trainer", "mine", "trackio:https://huggingface.co/spaces/u/runs", "distillation"):
+        assert f"- {tag}\n" in header, tag
+    assert "](https://huggingface.co/spaces/u/runs)" in card and "](https://www.comet.com/u/p/e1)" in card
+    assert "## Training procedure" in card and "This model was trained with GKDVariant" in card
+    assert f"- trl-distill: {trl_distill.__version__}" in card and "- TRL: " in card
+    assert "huggingface.co/None" not in card  # a local student: no broken base-model link
+    assert card.index("## Distillation set-up") < card.index("## Training results") < card.index("## Citations")

@@ -1,35 +1,47 @@
-"""`trl-distill` command line: one sub-command per trainer, parsed by TRL's `TrlParser`.
+"""`trl-distill` command line: one sub-command per trainer, parsed by TRL's `TrlParser`, with `trl`'s conventions.
 
     trl-distill gkd --config examples/gkd_addition.yaml
+    trl-distill gkd --config recipe.yaml --num_processes 2 --accelerate_config zero2   # through `accelerate launch`
     trl-distill addition-assets --output_dir outputs/addition     # tiny offline models + data for the recipes
     trl-distill teacher-topk --teacher outputs/addition/teacher --dataset addition --top_k 64 --output_dir out/top64
 
-Every field of the trainer's config (and TRL's `ScriptArguments` / `ModelConfig`) is a flag and a YAML key;
-`trl-distill gkd --help` lists them with their help text.
+Every field of the trainer's config (and TRL's `ScriptArguments` / `DatasetMixtureConfig` / `ModelConfig`) is a flag
+and a YAML key; `trl-distill gkd --help` lists them with their help text. As with `trl`, flags and YAML keys that are
+none of these go to `accelerate launch` (`--accelerate_config` names a file or one of TRL's shipped configs such as
+`zero2`), which refuses any it does not know.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from trl import DatasetMixtureConfig, ScriptArguments
+
+logger = logging.getLogger(__name__)
 
 # The name under which recipes ask for the shipped task instead of a Hub dataset.
 ADDITION_DATASET = "addition"
 
 
 @dataclass
-class DistillScriptArguments:
-    """Script-level arguments shared by every sub-command (TRL's `ScriptArguments` plus the shipped task)."""
+class DistillScriptArguments(ScriptArguments, DatasetMixtureConfig):
+    """Script-level arguments of every sub-command: TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, splits,
+    `dataset_streaming`, ...) and `DatasetMixtureConfig` (`datasets:` mixtures with `data_files`, `streaming`,
+    `test_split_size`), the teacher's revision, and the shipped addition task."""
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": f"Hub id or path of the dataset, or '{ADDITION_DATASET}' for the shipped addition task."},
+        metadata={"help": f"Hub id or path of the dataset, or '{ADDITION_DATASET}' for the shipped addition task. "
+                          "Ignored when a `datasets` mixture is given."},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
+    teacher_model_revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of the teacher, as TRL's distillation."}
+    )
     addition_num_train: int = field(default=4000, metadata={"help": "Training problems of the addition task."})
     addition_num_eval: int = field(default=500, metadata={"help": "Evaluation problems of the addition task."})
     addition_seed: int = field(default=0, metadata={"help": "Seed of the addition task's fixed splits."})
@@ -49,11 +61,27 @@ def load_datasets(script_args: DistillScriptArguments, format: str):
             n_eval=script_args.addition_num_eval,
         )
         return addition.sft_dataset(train, format=format), addition.sft_dataset(evaluation, format=format)
-    if script_args.dataset_name is None:
-        raise ValueError(f"`dataset_name` is required: a Hub id, a path, or '{ADDITION_DATASET}'.")
-    from datasets import load_dataset
+    if script_args.datasets:
+        from trl import get_dataset
 
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.")
+        dataset = get_dataset(script_args)
+    elif script_args.dataset_name is not None:
+        from datasets import load_dataset
+
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    else:
+        raise ValueError(
+            f"A dataset is required: `dataset_name` (a Hub id, a path, or '{ADDITION_DATASET}') or a `datasets` mixture."
+        )
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"dataset_train_split={script_args.dataset_train_split!r} is not a split of the dataset "
+            f"(splits: {sorted(dataset)})."
+        )
     return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
 
 
@@ -87,6 +115,11 @@ def _student_and_tokenizer(model_args, training_args):
     if quantization_config is not None:
         init_kwargs["quantization_config"] = quantization_config
     init_kwargs = {k: v for k, v in init_kwargs.items() if v is not None}
+    # The config's own `model_init_kwargs` (e.g. `use_kernels`) win, as in TRL's scripts. The model is built here, so
+    # they are consumed: the trainer would otherwise warn that they are ignored for an instantiated model.
+    init_kwargs.update(getattr(training_args, "model_init_kwargs", None) or {})
+    if getattr(training_args, "model_init_kwargs", None) is not None:
+        training_args.model_init_kwargs = None
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **init_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
@@ -113,10 +146,30 @@ def _require_teacher(training_args, command: str) -> str:
     return training_args.teacher_model_name_or_path
 
 
+def teacher_init_kwargs(script_args, training_args, model_args) -> dict:
+    """The teacher's `from_pretrained` arguments, as TRL's distillation script builds them: the student's
+    `attn_implementation` and `dtype`, `trust_remote_code`, `teacher_model_revision`, then the config's
+    `teacher_model_init_kwargs` on top (they win). A 4-bit teacher does not take the student's dtype: its unquantized
+    layers keep the compute dtype (bf16 on CUDA) rather than ModelConfig's float32 default (a 7B teacher's
+    embeddings and head alone would take some 4 GB in float32)."""
+    four_bit = getattr(training_args, "teacher_quantization", None) == "4bit"
+    kwargs = dict(
+        revision=script_args.teacher_model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=None if four_bit else model_args.dtype,
+    )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(training_args.teacher_model_init_kwargs or {})
+    return kwargs
+
+
 def _train(trainer_class, datasets, script_args, training_args, model_args, **trainer_kwargs) -> None:
     """Load the student, build `trainer_class` on `datasets` (train, eval), train, save and optionally push."""
     from trl import get_peft_config
 
+    if hasattr(training_args, "teacher_model_init_kwargs"):
+        training_args.teacher_model_init_kwargs = teacher_init_kwargs(script_args, training_args, model_args)
     model, tokenizer = _student_and_tokenizer(model_args, training_args)
     train_dataset, eval_dataset = datasets
     trainer = trainer_class(
@@ -128,7 +181,19 @@ def _train(trainer_class, datasets, script_args, training_args, model_args, **tr
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
     )
+    if script_args.ignore_bias_buffers:
+        ignore_bool_buffers_in_ddp(trainer.model)
     _finish(trainer, training_args, script_args)
+
+
+def ignore_bool_buffers_in_ddp(model) -> list[str]:
+    """`ignore_bias_buffers`, as TRL's DPO script applies it: DDP leaves the model's boolean buffers (attention
+    masks kept as buffers) out of its broadcast, which fails on them (transformers#22482)."""
+    import torch
+
+    names = [name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool]
+    model._ddp_params_and_buffers_to_ignore = names
+    return names
 
 
 def run_gkd(script_args, training_args, model_args) -> None:
@@ -269,12 +334,20 @@ def main(argv: list[str] | None = None) -> None:
     if command in standalone:
         standalone[command](rest)
         return
+    from .launcher import launch_if_asked
+
+    parser = make_parser(command)
+    if launch_if_asked(parser, command, rest):
+        return
+    script_args, training_args, model_args = parser.parse_args_and_config(args=rest, fail_with_unknown_args=False)
+    COMMANDS[command][2](script_args, training_args, model_args)
+
+
+def make_parser(command: str):
+    """TRL's `TrlParser` over (script arguments, `command`'s config class, TRL's `ModelConfig`): YAML and flags."""
     from trl import ModelConfig, TrlParser
 
-    _, config_factory, runner = COMMANDS[command]
-    parser = TrlParser((DistillScriptArguments, config_factory(), ModelConfig), prog=f"trl-distill {command}")
-    script_args, training_args, model_args = parser.parse_args_and_config(args=rest)
-    runner(script_args, training_args, model_args)
+    return TrlParser((DistillScriptArguments, COMMANDS[command][1](), ModelConfig), prog=f"trl-distill {command}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
 from trl.models.utils import _ForwardRedirection
 
 from ..teacher import model_name as describe_model
@@ -49,16 +48,6 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers writes it last in every checkpoint
 STAGING_PREFIX = "_incomplete-save-"  # "_*" is in Trainer.push_to_hub's ignore patterns
 NUM_TOKENS_NAME = "num_tokens.json"  # TRL's running `num_tokens` total, which transformers' checkpoints omit
-
-TRL_CITATION = """\
-@software{vonwerra2020trl,
-    title   = {{TRL: Transformers Reinforcement Learning}},
-    author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallou{\\'e}dec, Quentin},
-    license = {Apache-2.0},
-    url     = {https://github.com/huggingface/trl},
-    year    = {2020}
-}"""
-
 
 @dataclass
 class DistillArguments:
@@ -219,29 +208,6 @@ def _hub_id(name: str | None) -> str | None:
     if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith("."):
         return None
     return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
-
-
-def _versions(peft: bool) -> list[tuple[str, str]]:
-    import datasets
-    import tokenizers
-    import transformers
-    import trl
-
-    from .. import __version__
-
-    rows = [
-        ("trl-distill", __version__),
-        ("TRL", trl.__version__),
-        ("Transformers", transformers.__version__),
-        ("PyTorch", torch.__version__),
-        ("Datasets", datasets.__version__),
-        ("Tokenizers", tokenizers.__version__),
-    ]
-    if peft:
-        import peft as peft_module
-
-        rows.append(("PEFT", peft_module.__version__))
-    return rows
 
 
 class DistillTrainerMixin:
@@ -480,6 +446,7 @@ class DistillTrainerMixin:
             (f.name, getattr(args, f.name))
             for f in added_fields(type(args))
             if f.name not in ("overwrite_output_dir", "on_nonfinite", "teacher_model_init_kwargs")
+            and not (f.name.startswith("vllm_") and not getattr(args, "use_vllm", False))  # unused without vLLM
         ]
         peft_config = getattr(self.model, "peft_config", None)
         if isinstance(peft_config, dict) and "default" in peft_config:
@@ -519,9 +486,8 @@ class DistillTrainerMixin:
         Replaces TRL's card (same signature, called by `save_model` checkpoints and `push_to_hub`)."""
         if not self.is_world_process_zero():
             return
-        tags = {tags} if isinstance(tags, str) else set(tags or ())
-        tags.update(self._tag_names)
-        tags.add("distillation")
+        from ._card import build_model_card
+
         unwrapped = self.accelerator.unwrap_model(self.model)
         is_peft = hasattr(unwrapped, "peft_config")
         student = getattr(unwrapped.config, "_name_or_path", None) or None
@@ -532,15 +498,6 @@ class DistillTrainerMixin:
         quantization = getattr(self.args, "teacher_quantization", None)
         paper = self._paper or {}
         title = model_name or os.path.basename(os.path.abspath(self.args.output_dir))
-        hub_id = getattr(self, "hub_model_id", None) or title
-
-        card_data = ModelCardData(
-            base_model=_hub_id(student),
-            datasets=dataset_name,
-            library_name="peft" if is_peft else "transformers",
-            model_name=title,
-            tags=sorted(tags),
-        )
         method = f"**{self._name}** (`{type(self).__name__}`)"
         if paper:
             method += f", from [{paper['title']}](https://huggingface.co/papers/{paper['id']})"
@@ -551,18 +508,20 @@ class DistillTrainerMixin:
             ("teacher quantization", quantization),
             ("dataset", dataset_name),
         ]
-        citations = [paper["citation"]] if paper.get("citation") else []
-        citations.append(TRL_CITATION)
-        body = "\n\n".join(
-            [
-                f"# Model Card for {title}",
-                f"This model was distilled with {method}, using trl-distill, a distillation library built on "
-                "[TRL](https://github.com/huggingface/trl).",
-                "## Quick start",
-                "```python\nfrom transformers import pipeline\n\n"
-                f'generator = pipeline("text-generation", model="{hub_id}")\n'
-                'print(generator([{"role": "user", "content": "Hello!"}], max_new_tokens=64)[0]["generated_text"])\n```',
+        # TRL's card (template, tags, wandb / trackio / Comet links, versions, citations) with our sections in it
+        card = build_model_card(
+            self,
+            model_name=title,
+            hub_model_id=getattr(self, "hub_model_id", None) or title,
+            base_model=_hub_id(student),
+            dataset_name=dataset_name,
+            tags=tags,
+            library_name="peft" if is_peft else "transformers",
+            extra_tags=("distillation",),
+            sections=[
                 "## Distillation set-up",
+                f"Distilled with {method}, using trl-distill, a distillation library built on "
+                "[TRL](https://github.com/huggingface/trl).",
                 _table([row for row in setup if row[1] is not None], ("", "")),
                 "## Hyperparameters",
                 _table(self._card_hyperparameters(), ("field", "value")),
@@ -570,12 +529,7 @@ class DistillTrainerMixin:
                 _table(self._card_results(), ("metric", "value"))
                 if self.state.log_history
                 else "No training step has been logged yet.",
-                "## Framework versions",
-                _table(_versions(is_peft), ("package", "version")),
-                "## Citations",
-                *[f"```bibtex\n{citation}\n```" for citation in citations],
-            ]
+            ],
         )
-        card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
         write_text_atomically(os.path.join(self.args.output_dir, "README.md"), str(card))
         return card

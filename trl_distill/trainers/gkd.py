@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
 from trl.models import prepare_deepspeed
-from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+from trl.models.utils import _ForwardRedirection
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .. import losses, offline_teacher
 from ._common import DistillArguments, DistillTrainerMixin
+from ._generation import OnPolicyGenerationArguments, OnPolicyGenerationMixin
 from ._sft import check_divergence_fields, divergence_loss_type
 from ..teacher import (
     backbone_hidden_states,
@@ -35,10 +35,14 @@ from ..validation import validate_datasets
 
 
 @dataclass
-class GKDVariantConfig(DistillArguments, GKDConfig):
+class GKDVariantConfig(DistillArguments, OnPolicyGenerationArguments, GKDConfig):
     r"""
     Configuration for [`GKDVariant`]. Every field of TRL's `GKDConfig` keeps its meaning; the fields below are added,
-    with `overwrite_output_dir` and `on_nonfinite` shared by every trl-distill config (see [`DistillArguments`]).
+    with `overwrite_output_dir` and `on_nonfinite` shared by every trl-distill config (see [`DistillArguments`]), and
+    TRL `DistillationConfig`'s sampling fields with its names and defaults (`top_p`, `top_k`, `min_p`,
+    `repetition_penalty`, `generation_kwargs`, `cache_implementation`, `use_vllm` and the `vllm_*` fields,
+    `log_completions`, `num_completions_to_print`; see [`OnPolicyGenerationArguments`]). `temperature` (GKD's
+    default 0.9) and `max_new_tokens` stay GKDConfig's.
 
     Args:
         loss_type (`str`, *optional*, defaults to `"jsd"`):
@@ -90,6 +94,8 @@ class GKDVariantConfig(DistillArguments, GKDConfig):
         default=None, metadata={"help": "Path or id of a PEFT adapter loaded (frozen) on the teacher."}
     )
 
+    _VALID_DICT_FIELDS = GKDConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
+
     def __post_init__(self):
         # Before GKDConfig's own check, whose message does not say which config the field belongs to.
         if not 0.0 <= self.beta <= 1.0:
@@ -101,9 +107,10 @@ class GKDVariantConfig(DistillArguments, GKDConfig):
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ValueError(f"GKDVariantConfig.loss_chunk_size must be >= 0 or None, got {self.loss_chunk_size}.")
         check_quantization(self.teacher_quantization, "GKDVariantConfig.teacher_quantization")
+        self.check_generation_fields("GKDVariantConfig")
 
 
-class GKDVariant(DistillTrainerMixin, GKDTrainer):
+class GKDVariant(DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
     """TRL's [`GKDTrainer`] with seven divergences, a top-k teacher, a chunked loss and a 4-bit teacher.
 
     Args are those of `GKDTrainer`; `teacher_model` may be a model, a path or a Hub id. It is loaded through
@@ -186,19 +193,7 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         self.beta = args.beta
         self.temperature = args.temperature
         self.seq_kd = args.seq_kd
-        self.generation_kwargs = {
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "do_sample": True,
-            "top_k": 0,
-            "top_p": 1.0,
-            "use_cache": not args.gradient_checkpointing,
-            "pad_token_id": self.processing_class.pad_token_id,
-        }
-        self.generation_config = GenerationConfig(**self.generation_kwargs)
-        eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos_token_id is not None:
-            self.generation_config.eos_token_id = eos_token_id
+        self._setup_generation(args.max_new_tokens)  # HF GenerationConfig, or TRL's VLLMGeneration (use_vllm)
         self._forward_redirection = _ForwardRedirection()
 
     # ------------------------------------------------------------------ data
@@ -210,17 +205,9 @@ class GKDVariant(DistillTrainerMixin, GKDTrainer):
         if on_policy:
             generator = model
         elif self.seq_kd:
-            generator = self.teacher_model
+            generator = self.teacher_model  # always HF generate: vLLM serves the student only
         if generator is not None:
-            with unwrap_model_for_generation(
-                generator,
-                self.accelerator,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped:
-                ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    unwrapped, inputs, self.generation_config
-                )
+            ids, attention_mask, labels = self._sample(generator, inputs, on_policy)
             inputs = {**inputs, "input_ids": ids, "attention_mask": attention_mask, "labels": labels}
         self._metrics["train"]["on_policy_fraction"].append(float(on_policy))
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
