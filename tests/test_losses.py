@@ -213,7 +213,7 @@ def test_masked_teacher_logits_give_finite_losses():
 
 
 def test_mode_seeking_gradients_vanish_on_a_confidently_wrong_student():
-    # Why reverse KL and TVD can stall from a fresh student (docs/losses.md, benchmarks/gkd_divergences.py): their
+    # Why reverse KL and TVD can stall from a fresh student (docs/losses.md; measured with benchmarks/gkd_divergences.py at commit fd8e762): their
     # gradient w.r.t. a logit is weighted by the student's own probability there, so a student sure of a wrong token
     # (teacher's tail flat) gets almost none, while forward KL's `q - p` stays of order 1.
     vocab = 8
