@@ -493,6 +493,8 @@ def sweep(cli, argv) -> None:
 
     def one(run):
         method, seed, lr = run
+        if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
+            return
         if (("sft", seed, lr) not in done and method in PREFERENCE_METHODS
                 and not (run_dir(cli, "sft", seed, lr) / "final" / "config.json").exists()):
             raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {lr:g}: add 'sft' to --methods")
@@ -624,6 +626,75 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
     return paths
 
 
+# The predictions of docs/benchmarks.md, each a set of paired comparisons on the same seeds: (better, worse, metric)
+# with the direction the papers predict ("lower" forward KL, "higher" validity). A comparison *holds* when the mean
+# paired difference favours the prediction by more than two standard errors, *fails* when it goes the other way by as
+# much, and is *unresolved* otherwise.
+PREDICTIONS = [
+    ("1. every KD method beats SFT on forward KL",
+     [(m, "sft", "forward_kl") for m in (*GKD_METHODS, "trl_gkd", "trl_distillation", *OKD_METHODS, "seqkd")]),
+    ("2. on-policy beats off-policy on validity",
+     [(f"gkd_{loss}_l1", f"gkd_{loss}_l0", "validity") for loss in LOSS_TYPES]),
+    ("3a. reverse KL / skew reverse KL: higher validity than forward KL / skew KL",
+     [(f"gkd_reverse_kl_l{x}", f"gkd_forward_kl_l{x}", "validity") for x in ("0", "0.5", "1")]
+     + [(f"gkd_skew_rkl_l{x}", f"gkd_skew_kl_l{x}", "validity") for x in ("0", "0.5", "1")]),
+    ("3b. ... and higher forward KL (mode seeking)",
+     [(f"gkd_forward_kl_l{x}", f"gkd_reverse_kl_l{x}", "forward_kl") for x in ("0", "0.5", "1")]
+     + [(f"gkd_skew_kl_l{x}", f"gkd_skew_rkl_l{x}", "forward_kl") for x in ("0", "0.5", "1")]),
+    ("4a. OKD at least as good as frozen-teacher KD (forward KL)",
+     [(m, "gkd_forward_kl_l0", "forward_kl") for m in OKD_METHODS]),
+    ("4b. OKD cheaper per step than on-policy GKD",
+     [(m, "gkd_forward_kl_l1", "train_seconds") for m in OKD_METHODS]),
+    ("5. every preference method raises validity over its SFT start",
+     [(m, "sft", "validity") for m in PREFERENCE_METHODS]),
+    ("6. REDI beats SFT on the positives alone", [("redi", "sft_pos", "validity")]),
+    ("7a. ADPO at least as good as DPO", [(m, "dpo", "validity") for m in ("adpo_fixed", "adpo_ema")]),
+    ("7b. DCKD / ADPA beat plain DPO",
+     [(m, "dpo", metric) for m in ("ddpo_dckd", "ddpo_adpa") for metric in ("validity", "forward_kl")]),
+    ("8. sequence-level KD beats SFT on validity", [("seqkd", "sft", "validity")]),
+    ("9. our JSD (lmbda 0.5) and TRL's GKDTrainer agree (no difference expected)",
+     [("gkd_jsd_l0.5", "trl_gkd", "forward_kl"), ("gkd_jsd_l0.5", "trl_gkd", "validity")]),
+]
+LOWER_IS_BETTER = {"forward_kl", "train_seconds"}
+
+
+def paired(runs: dict, better: str, worse: str, metric: str, lr: float) -> dict | None:
+    """Mean and standard error of ``metric(better) - metric(worse)`` over the seeds both ran, and the verdict."""
+    seeds = sorted({k[1] for k in runs if k[0] == better and k[2] == lr} & {k[1] for k in runs if k[0] == worse
+                                                                           and k[2] == lr})
+    if len(seeds) < 2:
+        return None
+    diffs = [runs[(better, s, lr)][metric] - runs[(worse, s, lr)][metric] for s in seeds]
+    mean, std = mean_std(diffs)
+    se = std / math.sqrt(len(diffs))
+    sign = -1 if metric in LOWER_IS_BETTER else 1  # > 0: the difference favours `better`
+    favour = sign * mean
+    verdict = "holds" if favour > 2 * se else "fails" if favour < -2 * se else "unresolved"
+    wins = sum(sign * d > 0 for d in diffs)
+    return {"better": better, "worse": worse, "metric": metric, "lr": lr, "seeds": seeds, "mean_difference": mean,
+            "standard_error": se, "wins": wins, "verdict": verdict}
+
+
+def prediction_report(runs: dict) -> tuple[str, list]:
+    lines, checked = [], []
+    for lr in sorted({k[2] for k in runs}):
+        rows = []
+        for title, comparisons in PREDICTIONS:
+            for better, worse, metric in comparisons:
+                result = paired(runs, better, worse, metric, lr)
+                if result is None:
+                    continue
+                checked.append({"prediction": title, **result})
+                rows.append(f"| {title} | {better} vs {worse} | {metric} | {result['mean_difference']:+.4f} ± "
+                            f"{result['standard_error']:.4f} | {result['wins']}/{len(result['seeds'])} | "
+                            f"{result['verdict']} |")
+        if rows:
+            lines += [f"### Predictions checked at lr {lr:g} (paired over seeds; verdict at 2 standard errors)", "",
+                      "| prediction | comparison | metric | mean difference ± s.e. | wins | verdict |",
+                      "|---|---|---|---|---|---|", *rows, ""]
+    return "\n".join(lines), checked
+
+
 def merge(cli) -> dict:
     out = Path(cli.output_dir)
     runs = done_runs(out / "runs.jsonl")
@@ -634,8 +705,11 @@ def merge(cli) -> dict:
     results = {"config": {**config_of(cli), "task": dataclasses.asdict(task())}, "info": info, "grid": rows,
                "best": best}
     (out / "quality.json").write_text(json.dumps(results, indent=1))
+    report, checked = prediction_report(runs)
+    results["predictions"] = checked
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
     text = ["## Per method, the grid learning rate with the lowest mean KL", markdown(best), "",
-            "## Every grid point", markdown(rows), ""]
+            "## Every grid point", markdown(rows), "", report]
     if info:
         text.append(f"Teacher: forward KL {info['teacher_forward_kl']:.4f}/token, validity "
                     f"{info['teacher_validity']:.1%} (greedy {info['teacher_validity_greedy']:.1%}).")
