@@ -103,6 +103,13 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--student-start", default="fresh", choices=["fresh", "sft"],
+                        help="where the distillation methods start: a fresh student (default) or the seed's sft run "
+                             "at --sft-start-lr from --sft-dir (as GKD's paper starts from a supervised student)")
+    parser.add_argument("--sft-dir", default=None, help="the output dir holding the sft runs (default: --output-dir)")
+    parser.add_argument("--sft-start-lr", type=float, default=None,
+                        help="the preference methods start from the sft run at this learning rate (default: their "
+                             "own learning rate)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes at a time (one torch thread each)")
     parser.add_argument("--output-dir", default=None, help="default outputs/quality_<size>")
     parser.add_argument("--plot-dir", default=None, help="where the PNGs go (default: docs/ for size small)")
@@ -304,7 +311,6 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.trainer.distillation_config import DistillationConfig
     from trl.trainer.distillation_trainer import DistillationTrainer
-    from transformers import LlamaForCausalLM
 
     from trl_distill import hmm_task
     from trl_distill.trainers.adpo import ADPOConfig, ADPOTrainer
@@ -321,7 +327,7 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
     prompts, completions = train_pairs(cfg, seed)
 
     if method in DISTILL_METHODS:
-        student = fresh_student(cfg, tokenizer, seed)
+        student = fresh_student(cfg, tokenizer, seed) if cli.student_start == "fresh" else sft_start(cli, seed, lr)
         if method in ("sft", "seqkd"):
             texts = teacher_samples(cfg, teacher, prompts, seed) if method == "seqkd" else completions
             data = hmm_task.sft_dataset(prompts, texts, format="prompt_completion")
@@ -348,10 +354,10 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
         return counting(GKDVariant, counts)(model=student, teacher_model=teacher, args=config, train_dataset=data,
                                             processing_class=tokenizer), student, {}
 
-    start_path = run_dir(cli, "sft", seed, lr) / "final"
-    policy = LlamaForCausalLM.from_pretrained(start_path)
+    policy = sft_start(cli, seed, lr)
     data = preference_data(cfg, policy, seed)
     facts = {key: data[key] for key in ("start_sample_validity", "n_pairs", "chosen_from_data")}
+    facts["start_lr"] = start_lr_of(cli, lr)
     args = {**args, "max_length": 64}
     if method == "sft_pos":
         return counting(SFTTrainer, counts)(model=policy, args=SFTConfig(**args), train_dataset=data["positives"],
@@ -374,6 +380,23 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
         return counting(REDITrainer, counts)(model=policy, args=REDIConfig(**args, alpha=0.8),
                                              train_dataset=data["pairs"], processing_class=tokenizer), policy, facts
     raise ValueError(f"unknown method {method!r}")
+
+
+def start_lr_of(cli, lr: float) -> float:
+    """The learning rate of the sft run a preference method at ``lr`` starts from."""
+    return cli.sft_start_lr if cli.sft_start_lr is not None else lr
+
+
+def sft_start_path(cli, seed: int, lr: float) -> Path:
+    sft_cli = argparse.Namespace(output_dir=cli.sft_dir or cli.output_dir)
+    return run_dir(sft_cli, "sft", seed, start_lr_of(cli, lr)) / "final"
+
+
+def sft_start(cli, seed: int, lr: float):
+    """The seed's SFT student (the sft run at `start_lr_of(lr)`), loaded fresh: a start for continued training."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(sft_start_path(cli, seed, lr))
 
 
 def run_one(cli, method: str, seed: int, lr: float) -> dict:
@@ -426,7 +449,8 @@ def run_one(cli, method: str, seed: int, lr: float) -> dict:
     tokens = sum(n for _, n in counts)
     log = trainer.state.log_history
     return {
-        "method": method, "seed": seed, "learning_rate": lr, "size": cli.size, **final, **facts,
+        "method": method, "seed": seed, "learning_rate": lr, "size": cli.size, "student_start": cli.student_start,
+        **final, **facts,
         "curve": curve.points,
         "loss": [(e["step"], e["loss"]) for e in log if "loss" in e],
         "rewards_margin": [(e["step"], e["rewards/margins"]) for e in log if "rewards/margins" in e],
@@ -495,9 +519,10 @@ def sweep(cli, argv) -> None:
         method, seed, lr = run
         if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
             return
-        if (("sft", seed, lr) not in done and method in PREFERENCE_METHODS
-                and not (run_dir(cli, "sft", seed, lr) / "final" / "config.json").exists()):
-            raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {lr:g}: add 'sft' to --methods")
+        starts_from_sft = method in PREFERENCE_METHODS or (cli.student_start == "sft" and method != "sft")
+        if starts_from_sft and not (sft_start_path(cli, seed, lr) / "config.json").exists():
+            raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli, lr):g}: run 'sft' "
+                               "at that lr")
         start = time.time()
         row = run_one(cli, method, seed, lr) if cli.in_process else launch(cli, worker_argv, method, seed, lr)
         with runs_path.open("a") as f:
@@ -659,12 +684,18 @@ LOWER_IS_BETTER = {"forward_kl", "train_seconds"}
 
 
 def paired(runs: dict, better: str, worse: str, metric: str, lr: float) -> dict | None:
-    """Mean and standard error of ``metric(better) - metric(worse)`` over the seeds both ran, and the verdict."""
-    seeds = sorted({k[1] for k in runs if k[0] == better and k[2] == lr} & {k[1] for k in runs if k[0] == worse
-                                                                           and k[2] == lr})
+    """Mean and standard error of ``metric(better) - metric(worse)`` over the seeds both ran, and the verdict.
+
+    A preference method compared with ``sft`` is compared with its own start: the sft run at its ``start_lr``.
+    """
+    mine = {k[1]: r for k, r in runs.items() if k[0] == better and k[2] == lr}
+    starts = {r.get("start_lr", lr) for r in mine.values()}
+    worse_lr = starts.pop() if worse == "sft" and better in PREFERENCE_METHODS and len(starts) == 1 else lr
+    theirs = {k[1]: r for k, r in runs.items() if k[0] == worse and k[2] == worse_lr}
+    seeds = sorted(set(mine) & set(theirs))
     if len(seeds) < 2:
         return None
-    diffs = [runs[(better, s, lr)][metric] - runs[(worse, s, lr)][metric] for s in seeds]
+    diffs = [mine[s][metric] - theirs[s][metric] for s in seeds]
     mean, std = mean_std(diffs)
     se = std / math.sqrt(len(diffs))
     sign = -1 if metric in LOWER_IS_BETTER else 1  # > 0: the difference favours `better`
