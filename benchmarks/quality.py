@@ -608,7 +608,7 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
     paths = []
     order = [r for r in best]
     fig, axes = plt.subplots(1, 3, figsize=(16, max(4, 0.32 * len(order) + 1.5)))
-    names = [f"{r['method']} ({r['learning_rate']:g})" for r in order]
+    names = [f"{r['method']} (lr {r['learning_rate']:g}, {len(r['seeds'])} seeds)" for r in order]
     for ax, metric, label in zip(axes, ("forward_kl", "validity", "validity_greedy"),
                                  ("forward KL(p*‖student) per token (lower is better)", "validity, T=1 (higher is "
                                   "better)", "validity, greedy")):
@@ -619,6 +619,8 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
         ax.set_yticks(range(len(order)), names if metric == "forward_kl" else [""] * len(order), fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(label, fontsize=8)
+        if metric == "forward_kl":
+            ax.set_xscale("log")  # the methods differ by factors, from the teacher's 0.003 to a stalled 0.4
         if metric == "forward_kl" and "teacher_forward_kl" in info:
             ax.axvline(info["teacher_forward_kl"], color="gray", linestyle="--", label="teacher")
             ax.legend(fontsize=7)
