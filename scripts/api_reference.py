@@ -17,6 +17,7 @@ from pathlib import Path
 import trl_distill
 from trl_distill import addition, losses, teacher, testing
 from trl_distill.trainers._common import DistillArguments
+from trl_distill.trainers._teacher import TeacherArguments
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -104,6 +105,12 @@ def render() -> str:
         _first_paragraph(DistillArguments),
         "",
         _fields_table(DistillArguments),
+        "",
+        "## Teacher fields (every config with a teacher: GKDVariant, OKD, DistillDPO, ADPO)",
+        "",
+        _first_paragraph(TeacherArguments),
+        "",
+        _fields_table(TeacherArguments),
         "",
     ]
     for trainer_name, config_name, parents, page in PAIRS:

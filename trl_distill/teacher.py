@@ -39,10 +39,14 @@ __all__ = [
     "adapter_disabled",
     "backbone_hidden_states",
     "bnb_4bit_config",
+    "causal_lm",
     "check_4bit_supported",
     "check_vocab_compatible",
+    "head_rows",
     "disable_cpu_4bit_packing",
     "load_teacher",
+    "load_tokenizer",
+    "mass_beyond_columns",
     "model_name",
     "output_head",
     "trainable_parameters",
@@ -225,18 +229,21 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(model: torch.nn.Module, *, allow_prompt_learning: bool = False) -> torch.nn.Module:
     """The transformers causal LM inside `model`: itself, or the one a PeftModel wraps (LoRA-style adapters are
     injected into its layers in place, so running it still applies them), looking through distributed wrappers.
 
     A wrapper (DDP, DeepSpeed's engine: TRL's `prepare_deepspeed` returns one for a teacher or reference) keeps the
     model in `.module`, and its own attributes are not the model's (a DeepSpeed engine's `config` is the DeepSpeed
     dict). ZeRO-3 gathers sharded weights through hooks on the submodules, so running the inner modules still
-    gathers them."""
+    gathers them.
+
+    A prompt-learning adapter acts in `PeftModel.forward` (virtual tokens), which the inner model never sees: it
+    raises, unless `allow_prompt_learning` (for callers that only hook the inner model while the wrapper runs)."""
     model = extract_model_from_parallel(model)
     if not _is_peft(model):
         return model
-    if model.active_peft_config.is_prompt_learning:
+    if model.active_peft_config.is_prompt_learning and not allow_prompt_learning:
         # Prompt-learning adapters act in PeftModel.forward (virtual tokens), which the inner model never sees.
         raise NotImplementedError(
             f"{model_name(model)}: prompt-learning adapters ({model.active_peft_config.peft_type}) are not "
@@ -278,7 +285,7 @@ def model_name(model: Any) -> str:
     if name:
         return str(name)
     try:
-        return type(_causal_lm(model)).__name__
+        return type(causal_lm(model)).__name__
     except NotImplementedError:
         return type(model).__name__
 
@@ -458,12 +465,13 @@ def _tokenizer_size(tokenizer: Any) -> int:
     return max(len(tokenizer), max(vocab.values(), default=-1) + 1)
 
 
-def _head_rows(model: torch.nn.Module) -> int:
-    head = _causal_lm(model).get_output_embeddings()
+def head_rows(model: torch.nn.Module) -> int:
+    """Rows of the output head of `model` (its vocabulary size as the losses see it), through any wrapper."""
+    head = causal_lm(model).get_output_embeddings()
     if head is not None:
         rows = getattr(head, "out_features", None)  # also right for 4-bit heads, whose weight is packed
         return int(rows if rows is not None else head.weight.shape[0])
-    config = _causal_lm(model).config
+    config = causal_lm(model).config
     vocab_size = getattr(config.get_text_config(), "vocab_size", None)
     if vocab_size is None:
         raise ValueError(f"{model_name(model)!r} has neither an output head nor a `vocab_size` in its config.")
@@ -517,7 +525,7 @@ def check_vocab_compatible(
     needed = None if tokenizer is None else _tokenizer_size(tokenizer)
 
     models = ((student_name, student_model), (teacher_name, teacher_model))
-    heads = [(label, _head_rows(model)) for label, model in models if model is not None]
+    heads = [(label, head_rows(model)) for label, model in models if model is not None]
     for label, rows in heads:
         if needed is not None and rows < needed:
             raise ValueError(
@@ -534,6 +542,54 @@ def check_vocab_compatible(
     if needed is None:
         raise ValueError("check_vocab_compatible needs at least one tokenizer or one model.")
     return needed
+
+
+def load_tokenizer(path: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved with a model at `path` (a local folder or a Hub id), or None when there is none to load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(path), revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):  # no tokenizer files, or a tokenizer class it cannot build
+        return None
+
+
+# The largest probability a teacher may put on output rows beyond the compared columns, at any attended position of
+# the first batch. Padding rows of a trained checkpoint (never a target) carry far less; rows of real tokens that the
+# student's tokenizer lacks carry far more.
+TAIL_MASS_TOLERANCE = 1e-3
+
+
+@torch.no_grad()
+def mass_beyond_columns(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, columns: int, chunk_size: int = 256
+) -> Tensor:
+    """The probability `model` puts on its output rows `columns:` at each attended position, as a flat ``[N]`` tensor.
+
+    Distillation compares only the first `columns` vocabulary columns, so a teacher whose head is larger loses this
+    mass silently. Computed from the backbone's hidden states, `chunk_size` positions at a time (no full logits);
+    models that transform their logits after the head (soft-capping) use their logits instead.
+    """
+    positions = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    try:
+        rows = backbone_hidden_states(model, input_ids, attention_mask)[positions]
+        head = output_head(model)
+        weight, bias = head.weight, head.bias
+
+        def project(chunk: Tensor) -> Tensor:
+            return torch.nn.functional.linear(chunk.to(weight.dtype), weight, bias)
+    except (NotImplementedError, TypeError):  # soft-capped or scaled logits, a quantized or adapted head
+        rows = causal_lm(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[positions]
+
+        def project(chunk: Tensor) -> Tensor:
+            return chunk
+
+    masses = []
+    for start in range(0, rows.shape[0], chunk_size):
+        logits = project(rows[start : start + chunk_size]).float()
+        # 1 - p(first columns) = -expm1(lse(first columns) - lse(all)), exact for tiny masses.
+        masses.append(-torch.expm1(logits[:, :columns].logsumexp(-1) - logits.logsumexp(-1)))
+    return torch.cat(masses) if masses else rows.new_zeros(0, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- hidden states
@@ -559,7 +615,7 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     Its ``weight`` (and ``bias``) map :func:`backbone_hidden_states` to the logits. A head carrying an unmerged
     LoRA, or quantized, has no such plain weight and raises.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     head = lm.get_output_embeddings()
     if head is None:
         raise TypeError(f"{model_name(model)!r} has no output head (get_output_embeddings() is None).")
@@ -581,7 +637,7 @@ def backbone_hidden_states(model: torch.nn.Module, input_ids: Tensor, attention_
     model's backbone is run; its LoRA layers live inside it, so the adapter applies, and :func:`adapter_disabled`
     switches it off as usual. No KV cache is built.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     check_plain_logits(lm)
     backbone = lm.base_model  # transformers: the module under `base_model_prefix` (e.g. LlamaModel)
     if backbone is lm:

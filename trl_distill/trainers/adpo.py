@@ -45,14 +45,8 @@ from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
 from ._common import DistillArguments, DistillTrainerMixin, gathered_parameters
 from ._dpo import completion_token_logps
-from ..teacher import (
-    backbone_hidden_states,
-    check_quantization,
-    check_vocab_compatible,
-    disable_cpu_4bit_packing,
-    load_teacher,
-    output_head,
-)
+from ._teacher import TeacherArguments, TeacherTrainerMixin
+from ..teacher import backbone_hidden_states, disable_cpu_4bit_packing, output_head
 from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 ANCHORS = ("fixed", "ema", "periodic", "teacher")
@@ -70,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ADPOConfig(DistillArguments, DPOConfig):
+class ADPOConfig(TeacherArguments, DistillArguments, DPOConfig):
     r"""
     Configuration for [`ADPOTrainer`] ([ADPO](https://huggingface.co/papers/2510.18913)). Every field of TRL's
     `DPOConfig` keeps its meaning, except the DPO loss settings (`beta`, `loss_type`, ...), which ADPO does not use:
@@ -108,18 +102,11 @@ class ADPOConfig(DistillArguments, DPOConfig):
             With `anchor="teacher"`, the teacher's log-probs are computed from its hidden states, this many completion
             tokens at a time, over the shared vocabulary only (a head padded larger takes no mass), so its full
             logits never exist.
-        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            With `anchor="teacher"`, path or Hub id of the teacher when no `teacher_model` is passed to the trainer
-            (as TRL's `GKDConfig`; what the CLI and YAML recipes use).
-        teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
-            With `anchor="teacher"`, `"4bit"` loads the teacher with bitsandbytes nf4.
-        teacher_adapter (`str` or `None`, *optional*, defaults to `None`):
-            With `anchor="teacher"`, path or Hub id of a PEFT adapter loaded (frozen) on the teacher.
-        teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
-            Keyword arguments for `from_pretrained` when `teacher_model` is a path or Hub id.
-    """
 
-    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    With `anchor="teacher"`, the teacher fields (`teacher_model_name_or_path`, `teacher_model_revision`,
+    `teacher_model_init_kwargs`, `teacher_quantization`, `teacher_adapter`) of every config with a teacher say which
+    teacher anchors the scores and how it is loaded (see [`TeacherArguments`]); with another anchor they must be unset.
+    """
 
     tau: float = field(default=1.0, metadata={"help": "Temperature of the anchored scores (DPO's beta = 1/tau)."})
     beta_r: float = field(default=0.5, metadata={"help": "Temperature of the reward target q = softmax(z / beta_r)."})
@@ -148,21 +135,8 @@ class ADPOConfig(DistillArguments, DPOConfig):
     anchor_chunk_size: int = field(
         default=1024, metadata={"help": "Completion rows projected to teacher logits at a time (anchor='teacher')."}
     )
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Path or id of the teacher anchor (anchor='teacher') if none is passed."}
-    )
-    teacher_quantization: str | None = field(
-        default=None, metadata={"help": "'4bit' to load the teacher anchor in bitsandbytes nf4, or None."}
-    )
-    teacher_adapter: str | None = field(
-        default=None, metadata={"help": "Path or id of a PEFT adapter loaded (frozen) on the teacher anchor."}
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for from_pretrained when teacher_model is a path or id."}
-    )
-
     def __post_init__(self):
-        super().__post_init__()
+        # Our own fields first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.tau <= 0:
             raise ValueError(f"ADPOConfig.tau must be > 0, got {self.tau}.")
         if self.beta_r <= 0:
@@ -179,14 +153,11 @@ class ADPOConfig(DistillArguments, DPOConfig):
             raise ValueError(f"ADPOConfig.anchor_chunk_size must be >= 1, got {self.anchor_chunk_size}.")
         if self.anchor_kl_coef < 0:
             raise ValueError(f"ADPOConfig.anchor_kl_coef must be >= 0, got {self.anchor_kl_coef}.")
-        check_quantization(self.teacher_quantization, "ADPOConfig.teacher_quantization")
-        if self.anchor != "teacher" and (
-            self.teacher_quantization or self.teacher_adapter or self.teacher_model_name_or_path
-        ):
-            raise ValueError(
-                "ADPOConfig.teacher_model_name_or_path / teacher_quantization / teacher_adapter only apply with "
-                "anchor='teacher'."
-            )
+        teacher_fields = ("teacher_model_name_or_path", "teacher_model_revision", "teacher_quantization",
+                          "teacher_adapter", "teacher_model_init_kwargs")
+        if self.anchor != "teacher" and any(getattr(self, name) for name in teacher_fields):
+            raise ValueError(f"ADPOConfig.{' / '.join(teacher_fields)} only apply with anchor='teacher'.")
+        super().__post_init__()
         _reject_unused_dpo_fields(self, "ADPOConfig", "ADPO's loss replaces DPO's (tau = 1/beta reproduces sigmoid DPO)")
         if self.sync_ref_model:
             raise ValueError("ADPOConfig.sync_ref_model is not used: set anchor='ema' or anchor='periodic' instead.")
@@ -429,7 +400,7 @@ class _AnchorUpdateCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
+class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
     """TRL's [`DPOTrainer`] with ADPO's anchored listwise loss ([ADPO](https://huggingface.co/papers/2510.18913)).
 
     Args are those of `DPOTrainer`, plus:
@@ -513,21 +484,12 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
             hint="Listwise rows without a `rewards` column need `reward_funcs` to score their `completions`.",
         )
 
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
         if args.anchor == "teacher":
-            if teacher_model is None:
-                raise ValueError("ADPOConfig.anchor='teacher' needs a `teacher_model` (a model, a path or a Hub id).")
             if ref_model is not None:
                 raise ValueError("With anchor='teacher' the teacher is the anchor: pass `teacher_model`, not `ref_model`.")
             # DPOTrainer then handles the teacher as it handles any reference: frozen, dropout off, fused log-prob
             # head, placed by accelerate; and it creates no copy of the policy.
-            ref_model = load_teacher(
-                teacher_model,
-                quantization=args.teacher_quantization,
-                adapter=args.teacher_adapter,
-                model_init_kwargs=args.teacher_model_init_kwargs,
-            )
+            ref_model = self._load_teacher(teacher_model, args, processing_class)
         elif teacher_model is not None:
             raise ValueError(f"`teacher_model` is only used with anchor='teacher' (ADPOConfig.anchor={args.anchor!r}).")
         elif (
@@ -564,9 +526,8 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
 
         self.teacher_vocab_columns = None
         if args.anchor == "teacher":
-            self.teacher_vocab_columns = check_vocab_compatible(
-                self._tokenizer, student_model=self.model, teacher_model=self.ref_model
-            )
+            self._prepare_teacher(self.ref_model, placement=None)  # TRL placed it as `ref_model`
+            self.teacher_vocab_columns = self.vocab_columns
 
         if args.anchor in ("ema", "periodic"):
             if is_peft_model(self.model):

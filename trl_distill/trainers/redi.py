@@ -68,9 +68,10 @@ class REDIConfig(DistillArguments, DPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # Our own field first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.alpha < 0:
             raise ValueError(f"REDIConfig.alpha must be >= 0, got {self.alpha}.")
+        super().__post_init__()
         for name, default in UNUSED_DPO_FIELDS.items():
             if getattr(self, name) != default:
                 raise ValueError(
