@@ -30,6 +30,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from ._compat import convert_weight_packed_for_cpu_inverse
+
 
 if TYPE_CHECKING:
     import peft
@@ -197,10 +199,7 @@ def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
         weight = module.weight
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes' own (private) inverse, the one its `.cuda()`/`state_dict()` use to leave that format.
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            weight.data, weight.quant_state = convert_weight_packed_for_cpu_inverse(weight.data, state)
         count += 1
     return count
 

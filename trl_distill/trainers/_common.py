@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
-from trl.models.utils import _ForwardRedirection
 
+from .._compat import ForwardRedirection
 from ..teacher import model_name as describe_model
 
 logger = logging.getLogger("trl_distill")
-_REDIRECT = _ForwardRedirection()
+_REDIRECT = ForwardRedirection()
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -289,31 +289,38 @@ class DistillTrainerMixin:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    # The one pair of hooks `Trainer` calls in every set-up when it writes and reads a checkpoint's training state
+    # (under DeepSpeed it skips `_load_from_checkpoint`, the engine loading the model itself).
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        self._save_extra_state(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_extra_state(checkpoint)
+
+    def _save_extra_state(self, output_dir: str) -> None:
+        """Write the state a trainer keeps beside the model and the optimizer into checkpoint `output_dir`; read back
+        by `_load_extra_state`. Every process calls it (a gather may be needed); only `args.should_save` writes.
+        Here: TRL's running `num_tokens`. Subclasses extend it (OKD: the teacher adapter's optimizer and scheduler;
+        ADPO: a full-model moving anchor) and call `super()`."""
         if self.args.should_save and hasattr(self, "_total_train_tokens"):
             write_text_atomically(
                 os.path.join(output_dir, NUM_TOKENS_NAME), json.dumps({"num_tokens": self._total_train_tokens})
             )
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        # The one resume hook `Trainer` calls in every set-up: under DeepSpeed it skips `_load_from_checkpoint` (the
-        # engine loads the model itself), so state a trainer keeps beside the model is restored from here.
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
+    def _load_extra_state(self, checkpoint: str) -> None:
+        """Restore what `_save_extra_state` (and `_save_extra`, for files beside the model) wrote into `checkpoint`
+        when resuming, with or without DeepSpeed. Subclasses extend it and call `super()`."""
         path = os.path.join(checkpoint, NUM_TOKENS_NAME)
         if os.path.isfile(path) and hasattr(self, "_total_train_tokens"):
             with open(path, encoding="utf-8") as f:
                 self._total_train_tokens = int(json.load(f)["num_tokens"])
-        self._load_extra_state(checkpoint)
-
-    def _load_extra_state(self, checkpoint: str) -> None:
-        """Restore what a trainer saves beside the model and the optimizer (OKD: the teacher adapter, its optimizer
-        and scheduler; ADPO: a full-model moving anchor) when resuming from `checkpoint`, with or without DeepSpeed."""
 
     def _save_extra(self, output_dir: str) -> None:
-        """Files a trainer saves next to the model (OKD: `teacher_adapter/`); written into the staging folder."""
+        """Files a trainer saves next to the model, by `save_model` and in every checkpoint (OKD: `teacher_adapter/`);
+        written into the staging folder. A checkpoint's copy is read back by `_load_extra_state`."""
 
     # ------------------------------------------------------------------ non-finite losses
     def _watch_terms(self, terms: dict[str, torch.Tensor | None]) -> None:

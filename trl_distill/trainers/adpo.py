@@ -38,11 +38,12 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.data_utils import common_prefix_length, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
+from .._compat import tokenize
 from ._common import DistillArguments, DistillTrainerMixin, gathered_parameters
 from ._dpo import completion_token_logps
 from ._teacher import TeacherArguments, TeacherTrainerMixin
@@ -194,13 +195,13 @@ def _listwise_tokenize(batch: dict[str, list], processing_class, reward_funcs, r
         if tools is not None:
             template_kwargs["tools"] = json.loads(tools) if isinstance(tools, str) else tools
         if is_conversational({"prompt": prompt}):
-            prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-            full_ids = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
+            prompt_ids = tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
+            full_ids = [tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
         else:
             # As TRL does for pairs: plain-text completions end with EOS so the policy learns to stop.
             completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
-            prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-            full_ids = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
+            prompt_ids = tokenize(processing_class, prompt)["input_ids"]
+            full_ids = [tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
         prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
         prompt_ids_out.append(prompt_ids[:prompt_len])
         completion_ids_out.append([ids[prompt_len:] for ids in full_ids])
@@ -572,8 +573,8 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
         """An EMA/periodic anchor held as a separate model; a PEFT policy's anchor adapter is saved with the policy."""
         return self.args.anchor in ("ema", "periodic") and self.ref_model is not None
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def _save_extra_state(self, output_dir: str) -> None:
+        super()._save_extra_state(output_dir)
         if self._has_moving_anchor_model():
             from safetensors.torch import save_model
 
@@ -583,6 +584,7 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
                     save_model(anchor, os.path.join(output_dir, ANCHOR_WEIGHTS_NAME))
 
     def _load_extra_state(self, checkpoint: str) -> None:
+        super()._load_extra_state(checkpoint)
         if not self._has_moving_anchor_model():
             return
         path = os.path.join(checkpoint, ANCHOR_WEIGHTS_NAME)

@@ -14,11 +14,12 @@ import torch
 from transformers import GenerationConfig
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
-from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .. import losses
+from .._compat import ForwardRedirection
 from ._common import DistillArguments, DistillTrainerMixin
 from ._sft import check_divergence_fields, divergence_loss_type
 from ._teacher import TeacherArguments, TeacherTrainerMixin
@@ -158,7 +159,7 @@ class GKDVariant(TeacherTrainerMixin, DistillTrainerMixin, GKDTrainer):
         eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
         if eos_token_id is not None:
             self.generation_config.eos_token_id = eos_token_id
-        self._forward_redirection = _ForwardRedirection()
+        self._forward_redirection = ForwardRedirection()
 
     # ------------------------------------------------------------------ data
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback, get_scheduler, set_seed
-from trl.models.utils import _ForwardRedirection
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .. import losses
+from .._compat import ForwardRedirection
 from ._common import DistillArguments, DistillTrainerMixin
 from ._sft import check_divergence_fields, divergence_loss_type
 from ._teacher import TeacherArguments, TeacherTrainerMixin
@@ -287,7 +287,7 @@ class OKDTrainer(TeacherTrainerMixin, DistillTrainerMixin, SFTTrainer):
         self.teacher_lr_scheduler = None
         if self.online:
             self.add_callback(_TeacherOptimizerStep(self))
-        self._forward_redirection = _ForwardRedirection()
+        self._forward_redirection = ForwardRedirection()
 
     @staticmethod
     def _dataset_formats(args: OKDConfig, kwargs: dict) -> tuple[tuple[str, ...], ...] | None:
@@ -527,13 +527,14 @@ class OKDTrainer(TeacherTrainerMixin, DistillTrainerMixin, SFTTrainer):
     def _extra_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(f"teacher {name}", p) for name, p in self.teacher_parameters]
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def _save_extra_state(self, output_dir: str) -> None:
+        super()._save_extra_state(output_dir)
         if self.online and self.args.should_save:
             torch.save(self.teacher_optimizer.state_dict(), os.path.join(output_dir, TEACHER_OPTIMIZER_NAME))
             torch.save(self.teacher_lr_scheduler.state_dict(), os.path.join(output_dir, TEACHER_SCHEDULER_NAME))
 
     def _load_extra_state(self, checkpoint: str) -> None:
+        super()._load_extra_state(checkpoint)
         if not self.online:
             return
         adapter_dir = os.path.join(checkpoint, TEACHER_ADAPTER_DIR)

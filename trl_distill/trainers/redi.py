@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.trainer import dpo_trainer as _trl_dpo_trainer
 
+from .._compat import init_dpo_without_reference
 from ._common import DistillArguments, DistillTrainerMixin
 from ._dpo import completion_token_logps
 from ..teacher import disable_cpu_4bit_packing
@@ -136,18 +135,11 @@ class REDITrainer(DistillTrainerMixin, DPOTrainer):
             kwargs.get("eval_dataset"),
             formats=PREFERENCE_FORMATS,
         )
-        # DPOTrainer builds a reference copy of the policy unless it is PEFT or reference log-probs are precomputed.
-        # Take the precompute branch during __init__ so no copy is ever loaded; `_precompute_ref_logps` below is a
-        # no-op, and the hash TRL takes of the weights to cache precomputed log-probs is skipped (it would read every
-        # parameter once for nothing). The flag is restored right after, so evaluation is never treated as precomputed.
-        args.precompute_ref_log_probs = True
-        try:
-            with mock.patch.object(_trl_dpo_trainer, "hash_module", lambda module: None):
-                super().__init__(model, ref_model=None, args=args, **kwargs)
-        finally:
-            args.precompute_ref_log_probs = False
+        # No reference model is loaded or copied (TRL has no public switch for that: the one private hook of this
+        # package that is more than a name, see `_compat.init_dpo_without_reference`).
+        init_dpo_without_reference(self, lambda: super(REDITrainer, self).__init__(model, ref_model=None, args=args,
+                                                                                  **kwargs), args)
         disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
-        self.precompute_ref_logps = False
         if self.ref_model is not None:
             # Under FSDP, TRL loads the reference to precompute with it even on this branch: free it.
             self.ref_model = None
