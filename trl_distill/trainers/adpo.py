@@ -23,31 +23,27 @@ Authors' code: https://github.com/wk222/TRL-ADPO (a TRL fork). Everything here i
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, TrainerCallback
-from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import common_prefix_length, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
+from trl.trainer.utils import use_adapter
 
-from .._compat import tokenize
 from ._common import DistillArguments, DistillTrainerMixin, gathered_parameters
 from ._dpo import completion_token_logps
 from ._teacher import TeacherArguments, TeacherTrainerMixin
 from ..teacher import backbone_hidden_states, disable_cpu_4bit_packing, output_head
+from ..listwise import DataCollatorForListwisePreference, pad_token_id, prepare_listwise_dataset
 from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 ANCHORS = ("fixed", "ema", "periodic", "teacher")
@@ -174,136 +170,6 @@ def _reject_unused_dpo_fields(args: DPOConfig, config_name: str, reason: str) ->
     for name, default in defaults.items():
         if getattr(args, name) != default:
             raise ValueError(f"{config_name}.{name}={getattr(args, name)!r} is not used: {reason}.")
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def _listwise_tokenize(batch: dict[str, list], processing_class, reward_funcs, reward_weights, eos_token) -> dict:
-    """Tokenize listwise rows (batched `map`) and, when `reward_funcs` are given, score their completions.
-
-    Each completion is tokenized together with its prompt; the completion starts where every prompt+completion
-    stops sharing a prefix with the tokenized prompt (TRL's rule for pairs, see `common_prefix_length`).
-    """
-    prompt_ids_out, completion_ids_out = [], []
-    for index, prompt in enumerate(batch["prompt"]):
-        completions = batch["completions"][index]
-        if not completions:
-            raise ValueError("A listwise row has an empty `completions` list.")
-        template_kwargs = dict((batch.get("chat_template_kwargs") or [{}] * len(batch["prompt"]))[index] or {})
-        tools = (batch.get("tools") or [None] * len(batch["prompt"]))[index]
-        if tools is not None:
-            template_kwargs["tools"] = json.loads(tools) if isinstance(tools, str) else tools
-        if is_conversational({"prompt": prompt}):
-            prompt_ids = tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-            full_ids = [tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
-        else:
-            # As TRL does for pairs: plain-text completions end with EOS so the policy learns to stop.
-            completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
-            prompt_ids = tokenize(processing_class, prompt)["input_ids"]
-            full_ids = [tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
-        prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-        prompt_ids_out.append(prompt_ids[:prompt_len])
-        completion_ids_out.append([ids[prompt_len:] for ids in full_ids])
-    output = {"prompt_ids": prompt_ids_out, "completion_ids": completion_ids_out}
-    if reward_funcs:
-        output["rewards"] = _score_completions(batch, completion_ids_out, reward_funcs, reward_weights)
-    return output
-
-
-def _score_completions(batch, completion_ids, reward_funcs, reward_weights) -> list[list[float]]:
-    """Rewards of every completion, in TRL's GRPO reward convention.
-
-    Each function receives one flat list per argument (`prompts`, `completions`, `completion_ids`, and every other
-    column repeated once per completion) and returns one float (or `None`) per completion. As GRPO, `None` counts as
-    NaN and the weighted sum over functions ignores NaNs.
-    """
-    counts = [len(c) for c in batch["completions"]]
-    repeat = lambda column: [value for value, k in zip(column, counts, strict=True) for _ in range(k)]  # noqa: E731
-    kwargs = {key: repeat(values) for key, values in batch.items() if key not in ("prompt", "completions", "rewards")}
-    prompts = repeat(batch["prompt"])
-    completions = [c for row in batch["completions"] for c in row]
-    flat_ids = [ids for row in completion_ids for ids in row]
-    per_func = []
-    for func in reward_funcs:
-        scores = func(prompts=prompts, completions=completions, completion_ids=flat_ids, **kwargs)
-        if len(scores) != len(completions):
-            name = getattr(func, "__name__", type(func).__name__)
-            raise ValueError(f"Reward function {name!r} returned {len(scores)} rewards for {len(completions)} completions.")
-        per_func.append(torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32))
-    weights = torch.tensor(reward_weights, dtype=torch.float32)
-    rewards = (torch.stack(per_func, dim=1) * weights).nansum(dim=1).tolist()
-    out, start = [], 0
-    for k in counts:
-        out.append(rewards[start : start + k])
-        start += k
-    return out
-
-
-@dataclass
-class DataCollatorForListwisePreference(DataCollatorMixin):
-    """
-    Batches listwise preference rows (and TRL's tokenized pairs) for [`ADPOTrainer`].
-
-    Each row holds `prompt_ids` and either `completion_ids` (a list of K token lists, K may differ between rows) with
-    `rewards` (K floats), or TRL's `chosen_ids`/`rejected_ids` (a pair, K = 2, hard target). The K completions of
-    every row are flattened, row after row, into one right-padded batch of `prompt + completion` sequences:
-
-    - `input_ids`, `attention_mask`, `completion_mask`: `[N, L]` with `N = sum K` (padding is masked out of both);
-    - `completion_counts`: `[B]`, K of each row, which maps sequences back to their prompt;
-    - `rewards`: `[N]` (1 for chosen, 0 for rejected on pairs);
-    - `hard_target`: `[B]` bool, rows whose target is one-hot on the best completion (pairs).
-
-    Args:
-        pad_token_id (`int`): token id used for padding.
-        max_length (`int` or `None`, defaults to `None`): truncate every sequence to this many tokens.
-        truncation_mode (`str`, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"`, as TRL's collator.
-        pad_to_multiple_of (`int` or `None`, defaults to `None`): pad the length to a multiple of this value.
-    """
-
-    pad_token_id: int
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    pad_to_multiple_of: int | None = None
-    return_tensors: str = "pt"
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, masks, rewards, counts, hard = [], [], [], [], []
-        for example in examples:
-            if "completion_ids" in example:
-                completions, row_rewards = example["completion_ids"], example["rewards"]
-                if len(row_rewards) != len(completions):
-                    raise ValueError(f"A row has {len(completions)} completions but {len(row_rewards)} rewards.")
-                hard.append(False)
-            else:
-                completions, row_rewards = [example["chosen_ids"], example["rejected_ids"]], [1.0, 0.0]
-                hard.append(True)
-            prompt = list(example["prompt_ids"])
-            for completion in completions:
-                sequences.append(prompt + list(completion))
-                masks.append([0] * len(prompt) + [1] * len(completion))
-            rewards.extend(float(r) for r in row_rewards)
-            counts.append(len(completions))
-        if self.max_length is not None:
-            if self.truncation_mode == "keep_start":
-                window = slice(None, self.max_length)
-            elif self.truncation_mode == "keep_end":
-                window = slice(-self.max_length, None)
-            else:
-                raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
-            sequences, masks = [s[window] for s in sequences], [m[window] for m in masks]
-        as_tensors = lambda rows: [torch.tensor(r, dtype=torch.long) for r in rows]  # noqa: E731
-        return {
-            "input_ids": pad(as_tensors(sequences), padding_value=self.pad_token_id, padding_side="right",
-                             pad_to_multiple_of=self.pad_to_multiple_of),
-            "attention_mask": pad(as_tensors([[1] * len(s) for s in sequences]), padding_value=0,
-                                  padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
-            "completion_mask": pad(as_tensors(masks), padding_value=0, padding_side="right",
-                                   pad_to_multiple_of=self.pad_to_multiple_of),
-            "completion_counts": torch.tensor(counts, dtype=torch.long),
-            "rewards": torch.tensor(rewards, dtype=torch.float32),
-            "hard_target": torch.tensor(hard, dtype=torch.bool),
-        }
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -461,16 +327,7 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
             raise TypeError(f"ADPOTrainer expects an ADPOConfig, got {type(args).__name__}.")
 
         # Set before DPOTrainer.__init__, which calls `_prepare_dataset` (where the rewards are computed).
-        if reward_funcs is None:
-            reward_funcs = []
-        elif callable(reward_funcs):
-            reward_funcs = [reward_funcs]
-        self.reward_funcs = list(reward_funcs)
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"ADPOConfig.reward_weights has {len(args.reward_weights)} weights for {len(self.reward_funcs)} reward functions."
-            )
-        self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+        self._set_reward_funcs(reward_funcs, args)
         # Pairs (DPO's columns), listwise rows with their rewards, listwise rows scored by `reward_funcs`, or
         # already tokenized listwise rows.
         listwise = [("prompt", "completions", "rewards"), ("prompt_ids", "completion_ids")]
@@ -484,52 +341,57 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
             formats=(*PREFERENCE_FORMATS, *listwise),
             hint="Listwise rows without a `rewards` column need `reward_funcs` to score their `completions`.",
         )
+        ref_model = self._anchor_model(model, ref_model, teacher_model, args, processing_class, peft_config)
+        if data_collator is None:
+            data_collator = DataCollatorForListwisePreference(
+                pad_token_id=pad_token_id(processing_class),
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        super().__init__(
+            model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+        )
+        disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
+        self._set_up_anchor(args)
 
+    def _set_reward_funcs(self, reward_funcs, args: ADPOConfig) -> None:
+        if reward_funcs is None:
+            reward_funcs = []
+        elif callable(reward_funcs):
+            reward_funcs = [reward_funcs]
+        self.reward_funcs = list(reward_funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"ADPOConfig.reward_weights has {len(args.reward_weights)} weights for {len(self.reward_funcs)} reward functions."
+            )
+        self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+
+    def _anchor_model(self, model, ref_model, teacher_model, args: ADPOConfig, processing_class, peft_config):
+        """The model handed to DPOTrainer as `ref_model`: the loaded teacher (anchor="teacher"), the given reference,
+        a copy of an in-memory policy, or None (a PEFT policy, or DPOTrainer reloads the policy's path)."""
         if args.anchor == "teacher":
             if ref_model is not None:
                 raise ValueError("With anchor='teacher' the teacher is the anchor: pass `teacher_model`, not `ref_model`.")
             # DPOTrainer then handles the teacher as it handles any reference: frozen, dropout off, fused log-prob
             # head, placed by accelerate; and it creates no copy of the policy.
-            ref_model = self._load_teacher(teacher_model, args, processing_class)
-        elif teacher_model is not None:
+            return self._load_teacher(teacher_model, args, processing_class)
+        if teacher_model is not None:
             raise ValueError(f"`teacher_model` is only used with anchor='teacher' (ADPOConfig.anchor={args.anchor!r}).")
-        elif (
-            ref_model is None
-            and isinstance(model, PreTrainedModel)
-            and peft_config is None
-            and not is_peft_model(model)
-        ):
+        if ref_model is None and isinstance(model, PreTrainedModel) and peft_config is None and not is_peft_model(model):
             # DPOTrainer would reload the reference from `config._name_or_path`, which an in-memory model may not
             # have (or which may hold other weights than the ones passed in); a copy is the same policy at step 0.
-            ref_model = copy.deepcopy(model)
+            return copy.deepcopy(model)
+        return ref_model
 
-        super().__init__(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator
-            or DataCollatorForListwisePreference(
-                pad_token_id=_pad_token_id(processing_class),
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            ),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
-        disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
-
+    def _set_up_anchor(self, args: ADPOConfig) -> None:
+        """After DPOTrainer's set-up: the teacher anchor's vocabulary checks, or the moving anchor's adapter/callback."""
         self.teacher_vocab_columns = None
         if args.anchor == "teacher":
             self._prepare_teacher(self.ref_model, placement=None)  # TRL placed it as `ref_model`
             self.teacher_vocab_columns = self.vocab_columns
-
         if args.anchor in ("ema", "periodic"):
             if is_peft_model(self.model):
                 self._add_anchor_adapter()
@@ -618,46 +480,16 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        first = next(iter(dataset))
-        if "completions" not in first:
+        if "completions" not in next(iter(dataset)):
             if self.reward_funcs:
                 raise ValueError(
                     "`reward_funcs` score listwise data: the dataset needs a `completions` column (a list per prompt)."
                 )
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if "prompt_ids" in first:  # already tokenized
-            return dataset
-        if "prompt" not in first:
-            raise ValueError("Listwise data needs a `prompt` column beside `completions`.")
-        if self.reward_funcs and "rewards" in first:
-            raise ValueError(
-                "The dataset has a `rewards` column and `reward_funcs` were given: drop one of them, so it is clear "
-                "which rewards ADPO's target uses."
-            )
-        if not self.reward_funcs and "rewards" not in first:
-            raise ValueError("Listwise data needs a `rewards` column (a list per prompt), or pass `reward_funcs`.")
-
-        map_kwargs: dict[str, Any] = {"batched": True}
-        if isinstance(dataset, Dataset):  # IterableDataset.map takes neither num_proc nor desc
-            map_kwargs.update(num_proc=args.dataset_num_proc, desc=f"Tokenizing listwise {dataset_name} dataset")
-        with global_then_local_main_first():
-            dataset = dataset.map(
-                _listwise_tokenize,
-                fn_kwargs={
-                    "processing_class": processing_class,
-                    "reward_funcs": self.reward_funcs,
-                    "reward_weights": self.reward_weights,
-                    "eos_token": self._tokenizer.eos_token,
-                },
-                **map_kwargs,
-            )
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                # As TRL: a prompt that fills max_length would leave no completion token to learn from.
-                filter_kwargs = {k: v for k, v in map_kwargs.items() if k != "batched"}
-                if "desc" in filter_kwargs:
-                    filter_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
-                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length, **filter_kwargs)
-        return dataset
+        return prepare_listwise_dataset(
+            dataset, processing_class, args, dataset_name, self.reward_funcs, self.reward_weights,
+            self._tokenizer.eos_token,
+        )
 
     def _count_step_tokens(self, batch_samples):
         if not self.args.anchor_kl_coef:
@@ -728,12 +560,3 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """A metric's values from every process, flat and in float32."""
         return self.accelerator.gather_for_metrics(tensor.detach().float().reshape(-1))
-
-
-def _pad_token_id(processing_class) -> int:
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if tokenizer is None:
-        raise ValueError("ADPOTrainer needs `processing_class` (the policy's tokenizer).")
-    if tokenizer.pad_token is None:  # as DPOTrainer: fall back to EOS
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
