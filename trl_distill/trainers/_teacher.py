@@ -17,17 +17,9 @@ from typing import Any
 
 import torch
 
-from ..teacher import (
-    TAIL_MASS_TOLERANCE,
-    check_quantization,
-    check_vocab_compatible,
-    head_rows,
-    load_teacher,
-    load_tokenizer,
-    mass_beyond_columns,
-    model_name,
-    output_head,
-)
+from ..models import head_rows, model_name, output_head
+from ..teacher import check_quantization, load_teacher
+from ..vocabulary import TAIL_MASS_TOLERANCE, check_vocab_compatible, load_tokenizer, mass_beyond_columns
 from ._common import gathered_parameters
 
 logger = logging.getLogger("trl_distill")
