@@ -88,6 +88,14 @@ class DistillTrainerMixin(CheckpointMixin, NonFiniteGuardMixin, ModelCardMixin):
     """Shared behaviour of the trl-distill trainers; see the module docstring. Goes before the TRL trainer in the
     bases, e.g. `class OKDTrainer(DistillTrainerMixin, SFTTrainer)`."""
 
+    @classmethod
+    def _require_config(cls, args, config_class: type) -> None:
+        """First line of every trainer's `__init__`: `args` must be given, and be the trainer's own config."""
+        if args is None:
+            raise ValueError(f"{cls.__name__} needs `args={config_class.__name__}(...)` (an output_dir at least).")
+        if not isinstance(args, config_class):
+            raise TypeError(f"{cls.__name__} expects a {config_class.__name__}, got {type(args).__name__}.")
+
     # ------------------------------------------------------------------ token-level terms of a whole optimizer step
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """`Trainer`'s count (of `labels`), plus this trainer's own token counts of the optimizer step, all processes.

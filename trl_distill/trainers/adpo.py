@@ -321,10 +321,7 @@ class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
         teacher_model: PreTrainedModel | str | None = None,
         reward_funcs: Callable | Sequence[Callable] | None = None,
     ):
-        if args is None:
-            raise ValueError("ADPOTrainer needs `args=ADPOConfig(...)` (an output_dir at least).")
-        if not isinstance(args, ADPOConfig):
-            raise TypeError(f"ADPOTrainer expects an ADPOConfig, got {type(args).__name__}.")
+        self._require_config(args, ADPOConfig)
 
         # Set before DPOTrainer.__init__, which calls `_prepare_dataset` (where the rewards are computed).
         self._set_reward_funcs(reward_funcs, args)

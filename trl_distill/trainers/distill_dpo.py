@@ -264,10 +264,7 @@ class DistillDPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
     }
 
     def __init__(self, model, teacher_model=None, args: DistillDPOConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("DistillDPOTrainer needs `args=DistillDPOConfig(...)` (an output_dir at least).")
-        if not isinstance(args, DistillDPOConfig):
-            raise TypeError(f"DistillDPOTrainer expects a DistillDPOConfig, got {type(args).__name__}.")
+        self._require_config(args, DistillDPOConfig)
         if kwargs.get("ref_model") is not None:
             raise ValueError(
                 "DistillDPOTrainer takes no `ref_model`: the teacher is the reference. Pass it as `teacher_model`."

@@ -103,10 +103,7 @@ class GKDVariant(TeacherTrainerMixin, DistillTrainerMixin, GKDTrainer):
     _card_trl_fields = ("lmbda", "beta", "seq_kd", "temperature", "max_new_tokens")
 
     def __init__(self, model=None, teacher_model=None, args: GKDVariantConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("GKDVariant needs `args=GKDVariantConfig(...)` (an output_dir at least).")
-        if not isinstance(args, GKDVariantConfig):
-            raise TypeError(f"GKDVariant expects a GKDVariantConfig, got {type(args).__name__}.")
+        self._require_config(args, GKDVariantConfig)
         processing_class = kwargs.get("processing_class")
         if processing_class is None:
             raise ValueError("GKDVariant needs `processing_class` (the student's tokenizer).")

@@ -223,10 +223,7 @@ class OKDTrainer(TeacherTrainerMixin, DistillTrainerMixin, SFTTrainer):
         teacher_peft_config=None,
         **kwargs,
     ):
-        if args is None:
-            raise ValueError("OKDTrainer needs `args=OKDConfig(...)` (an output_dir at least).")
-        if not isinstance(args, OKDConfig):
-            raise TypeError(f"OKDTrainer expects an OKDConfig, got {type(args).__name__}.")
+        self._require_config(args, OKDConfig)
         if kwargs.get("processing_class") is None:
             raise ValueError("OKDTrainer needs `processing_class` (the student's tokenizer).")
         if teacher_peft_config is not None and args.teacher_update == "frozen":

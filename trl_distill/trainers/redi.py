@@ -122,10 +122,7 @@ class REDITrainer(DistillTrainerMixin, DPOTrainer):
     }
 
     def __init__(self, model, ref_model=None, args: REDIConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("REDITrainer needs `args=REDIConfig(...)` (an output_dir at least).")
-        if not isinstance(args, REDIConfig):
-            raise TypeError(f"REDITrainer expects a REDIConfig, got {type(args).__name__}.")
+        self._require_config(args, REDIConfig)
         if ref_model is not None:
             raise ValueError("REDI is reference-free: do not pass `ref_model`.")
         validate_datasets(
