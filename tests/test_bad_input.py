@@ -1,5 +1,8 @@
 """Bad inputs fail early and clearly: every case raises at config construction or trainer __init__ (never in a
-training step), from trl_distill's own checks, with a message that names the column, field or model at fault."""
+training step), from trl_distill's own checks, with a message that names the column, field or model at fault.
+
+One check needs data: a teacher head whose rows beyond the compared columns carry probability is measured on the
+first batch, before the first optimizer step (`test_teacher_mass_beyond_the_shared_columns_stops_the_first_step`)."""
 
 import pytest
 import torch
