@@ -222,56 +222,45 @@ class GKDVariant(TeacherTrainerMixin, DistillTrainerMixin, OnPolicyGenerationMix
         # Position t predicts token t+1: drop the last hidden state, compare against labels[1:].
         mask = inputs["labels"][:, 1:] != -100
         student_hidden = backbone_hidden_states(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
-        if self.teacher_model is None:
-            return self._stored_chunked_loss(student, student_hidden, inputs, mask, num_items_in_batch)
-        with torch.no_grad():
-            teacher_hidden = backbone_hidden_states(
-                self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
-            )[:, :-1]
-        student_head, teacher_head = output_head(student), output_head(self.teacher_model)
-        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
-        teacher_hidden = teacher_hidden.to(student_hidden.device)
-        self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
-
-        def chunked_loss():
-            return losses.chunked_divergence(
-                self.args.loss_type,
-                student_hidden,
-                student_head.weight[:columns],
-                teacher_hidden,
-                teacher_head.weight[:columns].to(student_hidden.device),
-                student_bias=None if student_head.bias is None else student_head.bias[:columns],
-                teacher_bias=None if teacher_head.bias is None else teacher_head.bias[:columns],
-                mask=mask,
-                num_items=num_items_in_batch,
-                chunk_size=self.args.loss_chunk_size,
-                return_stats=True,
-                **self._loss_kwargs(),
-            )
-
-        return self._as_heads_forward(student_head, teacher_head, chunked_loss)  # gathers ZeRO-3 head shards
-
-    def _stored_chunked_loss(self, student, student_hidden, inputs, mask, num_items_in_batch):
-        """The chunked loss against the stored teacher's top-k (offline: no teacher forward)."""
         student_head = output_head(student)
-        columns = self.vocab_columns
-        self._watch_terms({"student hidden states": student_hidden})
+        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
+        if self.teacher_model is None:  # offline: the stored teacher's top-k, no teacher forward
+            teacher_head, stored = None, offline_teacher.stored_teacher(inputs)
+            self._watch_terms({"student hidden states": student_hidden})
+        else:
+            with torch.no_grad():
+                teacher_hidden = backbone_hidden_states(
+                    self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
+                )[:, :-1]
+            teacher_head = output_head(self.teacher_model)
+            teacher_hidden = teacher_hidden.to(student_hidden.device)
+            self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
 
-        def chunked_loss():
+        def chunked_loss():  # reads the heads' weights inside their forward, where ZeRO-3 has gathered them
+            if teacher_head is None:
+                teacher = {"teacher_logits": stored}
+            else:
+                teacher = {
+                    "teacher_hidden": teacher_hidden,
+                    "teacher_weight": teacher_head.weight[:columns].to(student_hidden.device),
+                    "teacher_bias": None if teacher_head.bias is None else teacher_head.bias[:columns],
+                }
             return losses.chunked_divergence(
                 self.args.loss_type,
                 student_hidden,
                 student_head.weight[:columns],
-                teacher_logits=offline_teacher.stored_teacher(inputs),
                 student_bias=None if student_head.bias is None else student_head.bias[:columns],
                 mask=mask,
                 num_items=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 return_stats=True,
+                **teacher,
                 **self._loss_kwargs(),
             )
 
-        return self._forward_redirection(student_head, student_head, chunked_loss)  # gathers ZeRO-3 head shards
+        if teacher_head is None:
+            return self._forward_redirection(student_head, student_head, chunked_loss)  # gathers ZeRO-3 head shards
+        return self._as_heads_forward(student_head, teacher_head, chunked_loss)
 
     def _dense_loss(self, model, inputs, num_items_in_batch):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
