@@ -1,5 +1,6 @@
 """Write docs/api.md from the code: each trainer's docstring and signature, each config's fields (type, default,
-help), the shared fields, and the public functions of `losses`, `teacher`, `addition` and `testing`.
+help), the shared fields, and the public functions of `losses`, `teacher`, `models`, `vocabulary`, `addition` and
+`testing`.
 
     python scripts/api_reference.py            # rewrite docs/api.md
     python scripts/api_reference.py --check    # exit 1 if docs/api.md is out of date (tests/test_docs.py runs this)
@@ -15,8 +16,9 @@ import textwrap
 from pathlib import Path
 
 import trl_distill
-from trl_distill import addition, losses, teacher, testing
+from trl_distill import addition, losses, models, teacher, testing, vocabulary
 from trl_distill.trainers._common import DistillArguments
+from trl_distill.trainers._teacher import TeacherArguments
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -29,7 +31,9 @@ PAIRS = [  # (trainer, config, TRL parent pair, page)
 ]
 MODULES = [
     (losses, "Pure loss functions; see [losses.md](losses.md)."),
-    (teacher, "Teacher loading (4-bit, LoRA) and the checks every trainer shares."),
+    (teacher, "Teacher loading (4-bit, LoRA); also re-exports the names of `models` and `vocabulary`."),
+    (models, "What the trainers need to know about any causal LM, student or teacher."),
+    (vocabulary, "Student/teacher vocabulary checks; see [teacher.md](teacher.md#vocabulary-checks)."),
     (addition, "The shipped addition task: data, tokenizer, rewards, metric."),
     (testing, "Tiny offline models for tests, examples and benchmarks."),
 ]
@@ -104,6 +108,12 @@ def render() -> str:
         _first_paragraph(DistillArguments),
         "",
         _fields_table(DistillArguments),
+        "",
+        "## Teacher fields (every config with a teacher: GKDVariant, OKD, DistillDPO, ADPO)",
+        "",
+        _first_paragraph(TeacherArguments),
+        "",
+        _fields_table(TeacherArguments),
         "",
     ]
     for trainer_name, config_name, parents, page in PAIRS:

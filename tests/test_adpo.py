@@ -12,7 +12,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.rewards import get_soft_overlong_punishment, think_format_reward
 
 from trl_distill import addition
-from trl_distill.testing import tiny_causal_lm
+from trl_distill.testing import pad_output_head, tiny_causal_lm
 from trl_distill.trainers.adpo import (
     ANCHOR_WEIGHTS_NAME,
     ADPOConfig,
@@ -284,8 +284,10 @@ def test_resume_without_the_anchor_file_warns_and_restarts_the_anchor(student, t
 
 
 def test_teacher_anchor_with_padded_head(student, tokenizer, problems, tmp_path):
-    # A teacher head padded past the tokenizer (as real checkpoints): the anchor normalises over the shared columns.
-    teacher = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1, padded_vocab=len(tokenizer) + 13)
+    # A teacher head padded past the tokenizer (as real checkpoints, whose padding rows carry ~0 mass): the anchor
+    # normalises over the shared columns. (A head whose extra rows carry real mass stops training: test_bad_input.)
+    teacher = pad_output_head(tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1),
+                              len(tokenizer) + 13)
     trainer = ADPOTrainer(
         model=student,
         teacher_model=teacher,

@@ -1,10 +1,15 @@
 """Bad inputs fail early and clearly: every case raises at config construction or trainer __init__ (never in a
-training step), from trl_distill's own checks, with a message that names the column, field or model at fault."""
+training step), from trl_distill's own checks, with a message that names the column, field or model at fault.
+
+One check needs data: a teacher head whose rows beyond the compared columns carry probability is measured on the
+first batch, before the first optimizer step (`test_teacher_mass_beyond_the_shared_columns_stops_the_first_step`)."""
 
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trl_distill import addition
+from trl_distill.testing import pad_output_head, tiny_causal_lm
 from trl_distill.trainers.adpo import ADPOConfig, ADPOTrainer
 from trl_distill.trainers.distill_dpo import DistillDPOConfig, DistillDPOTrainer
 from trl_distill.trainers.gkd import GKDVariant, GKDVariantConfig
@@ -176,3 +181,90 @@ def test_eval_datasets_are_checked_and_named(student, tokenizer, problems, tmp_p
     with pytest.raises(ValueError, match=r"eval_dataset\['held_out'\].*`rejected`"):
         REDITrainer(model=student, args=REDIConfig(output_dir=str(tmp_path), **cpu_args()),
                     train_dataset=_pairs(problems), eval_dataset={"held_out": bad}, processing_class=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ teacher vocabulary
+TEACHER_KINDS = ("gkd", "okd", "distill_dpo", "adpo")
+
+
+def _teacher_config(kind):
+    return {"anchor": "teacher"} if kind == "adpo" else {}
+
+
+def _save_with_swapped_tokens(teacher, tokenizer, path):
+    """Save `teacher` with a tokenizer of the same size whose ids of '0' and '1' are swapped (another vocabulary)."""
+    import json
+
+    teacher.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tokenizer_file = path / "tokenizer.json"
+    data = json.loads(tokenizer_file.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]
+    tokenizer_file.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("kind", TEACHER_KINDS)
+def test_teacher_path_with_another_tokenizer_is_rejected(kind, student, teacher, tokenizer, problems, tmp_path):
+    path = tmp_path / "other-vocab-teacher"
+    _save_with_swapped_tokens(teacher, tokenizer, path)
+    # Given through the config field, which every trainer with a teacher honours.
+    overrides = dict(teacher=lambda t: None, config={**_teacher_config(kind), "teacher_model_name_or_path": str(path)})
+    with pytest.raises(ValueError) as excinfo:
+        _build(kind, overrides, student, teacher, tokenizer, problems, tmp_path / "run")
+    message = str(excinfo.value)
+    assert "student" in message and str(path) in message, message
+    assert "'0'" in message and "'1'" in message, message  # the tokens whose ids differ
+
+
+@pytest.mark.parametrize("kind", TEACHER_KINDS)
+def test_teacher_path_with_the_same_tokenizer_is_used(kind, student, teacher, tokenizer, problems, tmp_path):
+    path = tmp_path / "teacher"
+    teacher.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    overrides = dict(teacher=lambda t: None, config={**_teacher_config(kind), "teacher_model_name_or_path": str(path)})
+    trainer = _build(kind, overrides, student, teacher, tokenizer, problems, tmp_path / "run")
+    loaded = trainer.ref_model if kind == "adpo" else trainer.teacher_model
+    loaded = trainer.accelerator.unwrap_model(loaded)
+    base = [p for name, p in loaded.named_parameters() if "lora_" not in name]  # OKD adds its online module
+    for ours, saved in zip(base, teacher.parameters(), strict=True):
+        torch.testing.assert_close(ours, saved, rtol=0, atol=0)
+
+
+def _wide_head_teacher(tokenizer):
+    """A teacher whose head has 13 rows past the tokenizer that carry real probability (as tokens the student's
+    tokenizer lacks would): a random head gives them as much mass as any token."""
+    return tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1, padded_vocab=len(tokenizer) + 13)
+
+
+@pytest.mark.parametrize("kind", TEACHER_KINDS)
+def test_teacher_mass_beyond_the_shared_columns_stops_the_first_step(kind, student, tokenizer, problems, tmp_path):
+    overrides = dict(teacher=_wide_head_teacher, config={**_teacher_config(kind), "max_steps": 1})
+    trainer = _build(kind, overrides, student, None, tokenizer, problems, tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match=r"puts up to \d+\.\d+% of its probability .* on the other 13 rows"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # no step was taken
+
+
+@pytest.mark.parametrize("kind", TEACHER_KINDS)
+def test_teacher_head_padded_like_a_checkpoint_trains(kind, student, tokenizer, problems, tmp_path):
+    # Qwen-style: rows past the tokenizer that the trained teacher never predicts (~0 mass) are accepted.
+    padded = lambda t: pad_output_head(tiny_causal_lm(t, 64, 2, 4, seed=1), len(t) + 13)  # noqa: E731
+    overrides = dict(teacher=padded, config={**_teacher_config(kind), "max_steps": 1})
+    trainer = _build(kind, overrides, student, None, tokenizer, problems, tmp_path)
+    assert trainer.vocab_columns == len(tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field", "value"),
+    [(GKDVariantConfig, "loss_type", "nonsense"), (OKDConfig, "teacher_update", "sometimes"),
+     (DistillDPOConfig, "mode", "magic"), (ADPOConfig, "tau", 0.0), (REDIConfig, "alpha", -1.0),
+     (GKDVariantConfig, "teacher_quantization", "8bit")],
+)
+def test_own_fields_are_checked_before_trl_ones(config_class, field, value, tmp_path):
+    # No CPU overrides: on a machine without bf16 TRL's default would fail its own check first; ours must name the field.
+    with pytest.raises(ValueError, match=field):
+        config_class(output_dir=str(tmp_path), **{field: value})

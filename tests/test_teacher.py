@@ -21,6 +21,8 @@ from trl_distill.teacher import (
     check_vocab_compatible,
     disable_cpu_4bit_packing,
     load_teacher,
+    load_tokenizer,
+    mass_beyond_columns,
     model_name,
     output_head,
     trainable_parameters,
@@ -420,3 +422,23 @@ def test_vocab_without_tokenizers_compares_heads():
             student_name="s-model",
             teacher_name="t-model",
         )
+
+
+def test_mass_beyond_columns_matches_the_softmax():
+    wide = tiny_llama(vocab_size=48)
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padding positions are not measured
+    mass = mass_beyond_columns(wide, ids, mask, 32, chunk_size=3)
+    with torch.no_grad():
+        probs = wide(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+    expected = probs[..., 32:].sum(-1)[mask.bool()]
+    torch.testing.assert_close(mass, expected, rtol=1e-4, atol=1e-6)
+    assert mass.min() > 0.1  # a random head spreads its mass over every row
+
+
+def test_load_tokenizer_returns_none_without_saved_files(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "model-only")
+    assert load_tokenizer(tmp_path / "model-only") is None
+    char_tokenizer().save_pretrained(tmp_path / "with-tokenizer")
+    assert load_tokenizer(tmp_path / "with-tokenizer").get_vocab() == char_tokenizer().get_vocab()

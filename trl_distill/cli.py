@@ -32,15 +32,13 @@ ADDITION_DATASET = "addition"
 class DistillScriptArguments(ScriptArguments, DatasetMixtureConfig):
     """Script-level arguments of every sub-command: TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, splits,
     `dataset_streaming`, ...) and `DatasetMixtureConfig` (`datasets:` mixtures with `data_files`, `streaming`,
-    `test_split_size`), the teacher's revision, and the shipped addition task."""
+    `test_split_size`), and the shipped addition task. The teacher's fields, `teacher_model_revision` included, are
+    the config's (`TeacherArguments`), as in TRL's `DistillationConfig`."""
 
     dataset_name: str | None = field(
         default=None,
         metadata={"help": f"Hub id or path of the dataset, or '{ADDITION_DATASET}' for the shipped addition task. "
                           "Ignored when a `datasets` mixture is given."},
-    )
-    teacher_model_revision: str | None = field(
-        default=None, metadata={"help": "Revision (branch, tag or commit) of the teacher, as TRL's distillation."}
     )
     addition_num_train: int = field(default=4000, metadata={"help": "Training problems of the addition task."})
     addition_num_eval: int = field(default=500, metadata={"help": "Evaluation problems of the addition task."})
@@ -154,7 +152,7 @@ def teacher_init_kwargs(script_args, training_args, model_args) -> dict:
     embeddings and head alone would take some 4 GB in float32)."""
     four_bit = getattr(training_args, "teacher_quantization", None) == "4bit"
     kwargs = dict(
-        revision=script_args.teacher_model_revision,
+        revision=getattr(training_args, "teacher_model_revision", None),
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         dtype=None if four_bit else model_args.dtype,

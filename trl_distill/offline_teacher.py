@@ -155,17 +155,13 @@ def _tokenize_preference(tokenizer, dataset):
     to non-conversational completions, completion starting where prompt and prompt+completion diverge), row for row.
 
     The trainer re-runs exactly this on the stored dataset, so reusing it (rather than a copy that could drift) makes
-    the stored positions line up by construction; the collator still checks every token. `_prepare_dataset` reads
-    only `self._tokenizer` and the three arguments below. `max_length=None` keeps every row: the trainer's filter of
-    rows whose prompt alone fills `max_length` drops them from training, and their stored lists are simply empty.
+    the stored positions line up by construction; the collator still checks every token. Every row is kept: the
+    trainer's filter of rows whose prompt alone fills `max_length` drops them from training, and their stored lists
+    are simply empty.
     """
-    from types import SimpleNamespace
+    from ._compat import tokenize_preference_dataset
 
-    from trl import DPOTrainer
-
-    owner = SimpleNamespace(_tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
-    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
-    return DPOTrainer._prepare_dataset(owner, dataset, tokenizer, args, "teacher-topk")
+    return tokenize_preference_dataset(tokenizer, dataset, "teacher-topk")
 
 
 @torch.no_grad()
@@ -486,8 +482,9 @@ def check_gkd_run(args, processing_class, trainer_kwargs: dict[str, Any]) -> Sto
     Returns the train dataset's metadata (eval data, when given, must match the run too)."""
     if trainer_kwargs.get("train_dataset") is None or stored_teacher_info(trainer_kwargs["train_dataset"]) is None:
         raise ValueError(
-            "GKDVariant needs a `teacher_model` (a model, a local path or a Hub id), or teacher_model=None with a "
-            "train_dataset scored by `trl-distill teacher-topk` (trl_distill.offline_teacher.load_teacher_topk)."
+            "GKDVariant needs a `teacher_model` (a model, a local path or a Hub id) or "
+            "`GKDVariantConfig.teacher_model_name_or_path`, or neither with a train_dataset scored by "
+            "`trl-distill teacher-topk` (trl_distill.offline_teacher.load_teacher_topk)."
         )
     if args.lmbda != 0:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Teacher models: loading (optionally 4-bit, optionally with a LoRA adapter), vocabulary checks, hidden states.
+"""Loading teachers (and any frozen model): optionally 4-bit, optionally with a LoRA adapter.
 
 Every trainer gets its teacher through :func:`load_teacher`: base weights frozen, eval mode, and, on request,
 bitsandbytes nf4 weights and a PEFT adapter that is the only trainable part (the OKD "online module", or the
@@ -12,8 +12,8 @@ drift to bf16 precision and gradients to everything upstream of that layer silen
 eval mode hits this on its first forward, so :func:`load_teacher` turns the path off (:func:`disable_cpu_4bit_packing`).
 Without the optional ``kernels`` package that path is not faster either.
 
-:func:`backbone_hidden_states` and :func:`output_head` serve the chunked losses, which multiply the last hidden
-state by the head a few rows at a time instead of materialising ``[B, T, V]`` logits.
+The model helpers (`trl_distill.models`) and vocabulary checks (`trl_distill.vocabulary`) that used to live here are
+re-exported, so `from trl_distill.teacher import output_head, check_vocab_compatible` keeps working.
 """
 
 from __future__ import annotations
@@ -21,15 +21,29 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from accelerate.utils import extract_model_from_parallel
-from torch import Tensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from ._compat import convert_weight_packed_for_cpu_inverse
+from .models import (  # noqa: F401  (re-exported)
+    _is_peft,
+    adapter_disabled,
+    backbone_hidden_states,
+    causal_lm,
+    check_plain_logits,
+    head_rows,
+    model_name,
+    output_head,
+    trainable_parameters,
+)
+from .vocabulary import (  # noqa: F401  (re-exported)
+    TAIL_MASS_TOLERANCE,
+    check_vocab_compatible,
+    load_tokenizer,
+    mass_beyond_columns,
+)
 
 if TYPE_CHECKING:
     import peft
@@ -39,10 +53,16 @@ __all__ = [
     "adapter_disabled",
     "backbone_hidden_states",
     "bnb_4bit_config",
+    "causal_lm",
     "check_4bit_supported",
+    "check_plain_logits",
+    "check_quantization",
     "check_vocab_compatible",
     "disable_cpu_4bit_packing",
+    "head_rows",
     "load_teacher",
+    "load_tokenizer",
+    "mass_beyond_columns",
     "model_name",
     "output_head",
     "trainable_parameters",
@@ -193,10 +213,7 @@ def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
         weight = module.weight
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes' own (private) inverse, the one its `.cuda()`/`state_dict()` use to leave that format.
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            weight.data, weight.quant_state = convert_weight_packed_for_cpu_inverse(weight.data, state)
         count += 1
     return count
 
@@ -214,73 +231,6 @@ def _quantization_method(model: torch.nn.Module) -> str | None:
     if method is None and getattr(model, "is_quantized", False):
         method = "unknown"
     return None if method is None else str(getattr(method, "value", method))
-
-
-# ----------------------------------------------------------------------------------------------- PEFT helpers
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside `model`: itself, or the one a PeftModel wraps (LoRA-style adapters are
-    injected into its layers in place, so running it still applies them), looking through distributed wrappers.
-
-    A wrapper (DDP, DeepSpeed's engine: TRL's `prepare_deepspeed` returns one for a teacher or reference) keeps the
-    model in `.module`, and its own attributes are not the model's (a DeepSpeed engine's `config` is the DeepSpeed
-    dict). ZeRO-3 gathers sharded weights through hooks on the submodules, so running the inner modules still
-    gathers them."""
-    model = extract_model_from_parallel(model)
-    if not _is_peft(model):
-        return model
-    if model.active_peft_config.is_prompt_learning:
-        # Prompt-learning adapters act in PeftModel.forward (virtual tokens), which the inner model never sees.
-        raise NotImplementedError(
-            f"{model_name(model)}: prompt-learning adapters ({model.active_peft_config.peft_type}) are not "
-            "supported here; use an adapter injected into the layers, such as LoRA."
-        )
-    return model.get_base_model()
-
-
-@contextmanager
-def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Run the frozen base model: the adapter is off inside the block (PeftModel or transformers' own adapter
-    integration); a no-op for a model without adapters."""
-    if _is_peft(model):
-        with model.disable_adapter():
-            yield
-    elif getattr(model, "_hf_peft_config_loaded", False):  # adapters added with transformers' `load_adapter`
-        model.disable_adapters()
-        try:
-            yield
-        finally:
-            model.enable_adapters()
-    else:
-        yield
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters an optimizer should update (those with ``requires_grad``), in module order."""
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
-
-
-def model_name(model: Any) -> str:
-    """A readable name for messages: a path/id as given, else the model's ``name_or_path``, else its class."""
-    if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model)
-    name = getattr(model, "name_or_path", None)
-    if not name:
-        config = getattr(model, "config", None)
-        name = getattr(config, "_name_or_path", None)
-    if name:
-        return str(name)
-    try:
-        return type(_causal_lm(model)).__name__
-    except NotImplementedError:
-        return type(model).__name__
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -449,142 +399,3 @@ def load_teacher(
     if _is_4bit(loaded):
         disable_cpu_4bit_packing(loaded)
     return loaded.eval()
-
-
-# ----------------------------------------------------------------------------------------------- vocabulary
-def _tokenizer_size(tokenizer: Any) -> int:
-    """Rows a head needs to cover the tokenizer: its length, or its largest id + 1 if ids have gaps."""
-    vocab = tokenizer.get_vocab()
-    return max(len(tokenizer), max(vocab.values(), default=-1) + 1)
-
-
-def _head_rows(model: torch.nn.Module) -> int:
-    head = _causal_lm(model).get_output_embeddings()
-    if head is not None:
-        rows = getattr(head, "out_features", None)  # also right for 4-bit heads, whose weight is packed
-        return int(rows if rows is not None else head.weight.shape[0])
-    config = _causal_lm(model).config
-    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
-    if vocab_size is None:
-        raise ValueError(f"{model_name(model)!r} has neither an output head nor a `vocab_size` in its config.")
-    return int(vocab_size)
-
-
-def _vocab_difference(student: dict[str, int], teacher: dict[str, int], limit: int = 5) -> list[str]:
-    missing = float("inf")
-    differing = sorted(
-        (token for token in student.keys() | teacher.keys() if student.get(token) != teacher.get(token)),
-        key=lambda token: (student.get(token, missing), teacher.get(token, missing), token),
-    )
-    return [f"{tok!r}: {student.get(tok, 'absent')} vs {teacher.get(tok, 'absent')}" for tok in differing[:limit]]
-
-
-def _role_name(role: str, model: torch.nn.Module | None) -> str:
-    return role if model is None else f"{role} ({model_name(model)})"
-
-
-def check_vocab_compatible(
-    student_tokenizer: Any,
-    teacher_tokenizer: Any = None,
-    *,
-    student_model: torch.nn.Module | None = None,
-    teacher_model: torch.nn.Module | None = None,
-    student_name: str | None = None,
-    teacher_name: str | None = None,
-) -> int:
-    """Check that student and teacher share a vocabulary; return how many vocabulary columns losses compare.
-
-    Tokenizers, when both are given, must map the same tokens to the same ids. Output heads may be padded past
-    the tokenizer (real checkpoints pad to a multiple of 64 or 128) but each must cover it. Without any tokenizer
-    the heads must have equal sizes. Returns ``min(student head rows, teacher head rows)`` (at least the
-    tokenizer's size), or the tokenizer's size when no model is given. Raises ValueError naming the models
-    (by default "student (<name_or_path>)" and "teacher (<name_or_path>)").
-    """
-    student_name = student_name or _role_name("student", student_model)
-    teacher_name = teacher_name or _role_name("teacher", teacher_model)
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-        if student_vocab != teacher_vocab:
-            examples = "; ".join(_vocab_difference(student_vocab, teacher_vocab))
-            raise ValueError(
-                f"The {student_name} and {teacher_name} models do not share a vocabulary: the {student_name} "
-                f"tokenizer has {len(student_tokenizer)} tokens, the {teacher_name} tokenizer "
-                f"{len(teacher_tokenizer)}; tokens whose ids differ ({student_name} vs {teacher_name}): {examples}. "
-                "Distillation compares the two distributions token by token, so both need the same tokenizer "
-                "(an output head padded to a larger size is fine)."
-            )
-    tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
-    needed = None if tokenizer is None else _tokenizer_size(tokenizer)
-
-    models = ((student_name, student_model), (teacher_name, teacher_model))
-    heads = [(label, _head_rows(model)) for label, model in models if model is not None]
-    for label, rows in heads:
-        if needed is not None and rows < needed:
-            raise ValueError(
-                f"The {label} model's output head has {rows} rows but the tokenizer has {needed} tokens: it cannot "
-                f"score every token, so the {student_name} and {teacher_name} vocabularies are not compatible."
-            )
-    if needed is None and len(heads) == 2 and heads[0][1] != heads[1][1]:
-        raise ValueError(
-            f"The {student_name} ({heads[0][1]} vocabulary rows) and {teacher_name} ({heads[1][1]} rows) models have "
-            "different vocabulary sizes. Pass their tokenizers so a head that is only padded larger can be accepted."
-        )
-    if heads:
-        return min(rows for _, rows in heads)
-    if needed is None:
-        raise ValueError("check_vocab_compatible needs at least one tokenizer or one model.")
-    return needed
-
-
-# ----------------------------------------------------------------------------------------------- hidden states
-# Config fields through which some architectures transform logits after the head (Gemma 2 soft-capping, Cohere
-# and Granite scaling): for them hidden @ head.T is not the logits, and the chunked path would be silently wrong.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def check_plain_logits(model: torch.nn.Module) -> None:
-    config = model.config.get_text_config()
-    for field in _LOGIT_TRANSFORMS:
-        value = getattr(config, field, None)
-        if value is not None and value != 1:
-            raise NotImplementedError(
-                f"{model_name(model)!r} transforms its logits after the output head ({field}={value}), so the "
-                "hidden-state (chunked) loss path does not apply; use the dense path (loss_chunk_size=None)."
-            )
-
-
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The LM head (``get_output_embeddings()``) of a causal LM, looking through a PEFT wrapper.
-
-    Its ``weight`` (and ``bias``) map :func:`backbone_hidden_states` to the logits. A head carrying an unmerged
-    LoRA, or quantized, has no such plain weight and raises.
-    """
-    lm = _causal_lm(model)
-    head = lm.get_output_embeddings()
-    if head is None:
-        raise TypeError(f"{model_name(model)!r} has no output head (get_output_embeddings() is None).")
-    if hasattr(head, "base_layer") and not getattr(head, "merged", False):
-        # A LoRA on the head keeps its delta out of `.weight`; using it would silently drop the adapter.
-        raise NotImplementedError(
-            f"{model_name(model)!r} has an adapter on its output head; the hidden-state path needs a plain head "
-            "(leave the head out of target_modules, or merge the adapter)."
-        )
-    if not head.weight.is_floating_point():
-        raise TypeError(f"{model_name(model)!r} has a quantized output head; keep the head unquantized.")
-    return head
-
-
-def backbone_hidden_states(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden states ``[B, T, H]`` (after the final norm), from the backbone alone: never the full logits.
-
-    ``hidden @ output_head(model).weight.T (+ bias)`` equals ``model(...).logits``. For a PeftModel the wrapped
-    model's backbone is run; its LoRA layers live inside it, so the adapter applies, and :func:`adapter_disabled`
-    switches it off as usual. No KV cache is built.
-    """
-    lm = _causal_lm(model)
-    check_plain_logits(lm)
-    backbone = lm.base_model  # transformers: the module under `base_model_prefix` (e.g. LlamaModel)
-    if backbone is lm:
-        raise TypeError(f"{model_name(model)!r} has no separate backbone (base_model_prefix) to run.")
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
-    return outputs.last_hidden_state

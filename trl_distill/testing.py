@@ -62,6 +62,28 @@ def tiny_causal_lm(
     return model.to(torch.float32)
 
 
+def pad_output_head(model: LlamaForCausalLM, rows: int, padding_logit: float = -30.0) -> LlamaForCausalLM:
+    """Pad `model`'s vocabulary to `rows`, as real checkpoints do (Qwen2.5 pads 151,665 tokens to 151,936 rows).
+
+    A trained checkpoint never predicts its padding rows, so they carry ~0 probability; a randomly initialised head
+    would give them as much as any token. Here the output head gets a bias, 0 on the real rows and `padding_logit` on
+    the new ones, so the padding carries ~exp(padding_logit) of the mass, as in a trained model. In memory only: the
+    bias is not part of the Llama architecture that `save_pretrained` describes.
+    """
+    real = model.get_output_embeddings().weight.shape[0]
+    if rows <= real:
+        raise ValueError(f"rows={rows} must exceed the head's {real} rows")
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, rows, bias=True, dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[real:] = padding_logit
+    model.set_output_embeddings(head)
+    return model
+
+
 def tiny_teacher(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     """The task's teacher size: 4 layers, 128 wide (about 1.05M parameters)."""
     return tiny_causal_lm(tokenizer, hidden_size=128, num_layers=4, num_heads=4, seed=seed)

@@ -8,6 +8,7 @@ optimizer step, as `DistillationTrainer` does), and logs sampled completions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -134,13 +135,23 @@ class OnPolicyGenerationArguments:
             raise ValueError(f"{name}.min_p must be in [0, 1] or None, got {self.min_p}.")
         if self.repetition_penalty <= 0:
             raise ValueError(f"{name}.repetition_penalty must be > 0, got {self.repetition_penalty}.")
-        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
+        if self.generation_kwargs is not None and not isinstance(_json_object(self.generation_kwargs), dict):
             raise ValueError(f"{name}.generation_kwargs must be a dict (or a JSON object string), got "
                              f"{self.generation_kwargs!r}.")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"{name}.vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}.")
         if self.num_completions_to_print is not None and self.num_completions_to_print < 0:
             raise ValueError(f"{name}.num_completions_to_print must be >= 0 or None.")
+
+
+def _json_object(value: Any) -> Any:
+    """A JSON string as TrainingArguments' `__post_init__` will parse it (own fields are checked before it runs)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None
 
 
 def hf_generation_kwargs(args, max_new_tokens: int, pad_token_id: int | None, eos_token_id) -> dict[str, Any]:

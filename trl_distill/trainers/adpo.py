@@ -23,36 +23,27 @@ Authors' code: https://github.com/wk222/TRL-ADPO (a TRL fork). Everything here i
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, TrainerCallback
-from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
+from trl.trainer.utils import use_adapter
 
 from ._common import DistillArguments, DistillTrainerMixin, gathered_parameters
 from ._dpo import completion_token_logps
-from ..teacher import (
-    backbone_hidden_states,
-    check_quantization,
-    check_vocab_compatible,
-    disable_cpu_4bit_packing,
-    load_teacher,
-    output_head,
-)
+from ._teacher import TeacherArguments, TeacherTrainerMixin
+from ..teacher import backbone_hidden_states, disable_cpu_4bit_packing, output_head
+from ..listwise import DataCollatorForListwisePreference, pad_token_id, prepare_listwise_dataset
 from ..validation import PREFERENCE_FORMATS, validate_datasets
 
 ANCHORS = ("fixed", "ema", "periodic", "teacher")
@@ -70,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ADPOConfig(DistillArguments, DPOConfig):
+class ADPOConfig(TeacherArguments, DistillArguments, DPOConfig):
     r"""
     Configuration for [`ADPOTrainer`] ([ADPO](https://huggingface.co/papers/2510.18913)). Every field of TRL's
     `DPOConfig` keeps its meaning, except the DPO loss settings (`beta`, `loss_type`, ...), which ADPO does not use:
@@ -108,18 +99,11 @@ class ADPOConfig(DistillArguments, DPOConfig):
             With `anchor="teacher"`, the teacher's log-probs are computed from its hidden states, this many completion
             tokens at a time, over the shared vocabulary only (a head padded larger takes no mass), so its full
             logits never exist.
-        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            With `anchor="teacher"`, path or Hub id of the teacher when no `teacher_model` is passed to the trainer
-            (as TRL's `GKDConfig`; what the CLI and YAML recipes use).
-        teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
-            With `anchor="teacher"`, `"4bit"` loads the teacher with bitsandbytes nf4.
-        teacher_adapter (`str` or `None`, *optional*, defaults to `None`):
-            With `anchor="teacher"`, path or Hub id of a PEFT adapter loaded (frozen) on the teacher.
-        teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
-            Keyword arguments for `from_pretrained` when `teacher_model` is a path or Hub id.
-    """
 
-    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    With `anchor="teacher"`, the teacher fields (`teacher_model_name_or_path`, `teacher_model_revision`,
+    `teacher_model_init_kwargs`, `teacher_quantization`, `teacher_adapter`) of every config with a teacher say which
+    teacher anchors the scores and how it is loaded (see [`TeacherArguments`]); with another anchor they must be unset.
+    """
 
     tau: float = field(default=1.0, metadata={"help": "Temperature of the anchored scores (DPO's beta = 1/tau)."})
     beta_r: float = field(default=0.5, metadata={"help": "Temperature of the reward target q = softmax(z / beta_r)."})
@@ -148,21 +132,8 @@ class ADPOConfig(DistillArguments, DPOConfig):
     anchor_chunk_size: int = field(
         default=1024, metadata={"help": "Completion rows projected to teacher logits at a time (anchor='teacher')."}
     )
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Path or id of the teacher anchor (anchor='teacher') if none is passed."}
-    )
-    teacher_quantization: str | None = field(
-        default=None, metadata={"help": "'4bit' to load the teacher anchor in bitsandbytes nf4, or None."}
-    )
-    teacher_adapter: str | None = field(
-        default=None, metadata={"help": "Path or id of a PEFT adapter loaded (frozen) on the teacher anchor."}
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for from_pretrained when teacher_model is a path or id."}
-    )
-
     def __post_init__(self):
-        super().__post_init__()
+        # Our own fields first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.tau <= 0:
             raise ValueError(f"ADPOConfig.tau must be > 0, got {self.tau}.")
         if self.beta_r <= 0:
@@ -179,14 +150,11 @@ class ADPOConfig(DistillArguments, DPOConfig):
             raise ValueError(f"ADPOConfig.anchor_chunk_size must be >= 1, got {self.anchor_chunk_size}.")
         if self.anchor_kl_coef < 0:
             raise ValueError(f"ADPOConfig.anchor_kl_coef must be >= 0, got {self.anchor_kl_coef}.")
-        check_quantization(self.teacher_quantization, "ADPOConfig.teacher_quantization")
-        if self.anchor != "teacher" and (
-            self.teacher_quantization or self.teacher_adapter or self.teacher_model_name_or_path
-        ):
-            raise ValueError(
-                "ADPOConfig.teacher_model_name_or_path / teacher_quantization / teacher_adapter only apply with "
-                "anchor='teacher'."
-            )
+        teacher_fields = ("teacher_model_name_or_path", "teacher_model_revision", "teacher_quantization",
+                          "teacher_adapter", "teacher_model_init_kwargs")
+        if self.anchor != "teacher" and any(getattr(self, name) for name in teacher_fields):
+            raise ValueError(f"ADPOConfig.{' / '.join(teacher_fields)} only apply with anchor='teacher'.")
+        super().__post_init__()
         _reject_unused_dpo_fields(self, "ADPOConfig", "ADPO's loss replaces DPO's (tau = 1/beta reproduces sigmoid DPO)")
         if self.sync_ref_model:
             raise ValueError("ADPOConfig.sync_ref_model is not used: set anchor='ema' or anchor='periodic' instead.")
@@ -202,136 +170,6 @@ def _reject_unused_dpo_fields(args: DPOConfig, config_name: str, reason: str) ->
     for name, default in defaults.items():
         if getattr(args, name) != default:
             raise ValueError(f"{config_name}.{name}={getattr(args, name)!r} is not used: {reason}.")
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def _listwise_tokenize(batch: dict[str, list], processing_class, reward_funcs, reward_weights, eos_token) -> dict:
-    """Tokenize listwise rows (batched `map`) and, when `reward_funcs` are given, score their completions.
-
-    Each completion is tokenized together with its prompt; the completion starts where every prompt+completion
-    stops sharing a prefix with the tokenized prompt (TRL's rule for pairs, see `common_prefix_length`).
-    """
-    prompt_ids_out, completion_ids_out = [], []
-    for index, prompt in enumerate(batch["prompt"]):
-        completions = batch["completions"][index]
-        if not completions:
-            raise ValueError("A listwise row has an empty `completions` list.")
-        template_kwargs = dict((batch.get("chat_template_kwargs") or [{}] * len(batch["prompt"]))[index] or {})
-        tools = (batch.get("tools") or [None] * len(batch["prompt"]))[index]
-        if tools is not None:
-            template_kwargs["tools"] = json.loads(tools) if isinstance(tools, str) else tools
-        if is_conversational({"prompt": prompt}):
-            prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-            full_ids = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
-        else:
-            # As TRL does for pairs: plain-text completions end with EOS so the policy learns to stop.
-            completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
-            prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-            full_ids = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
-        prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-        prompt_ids_out.append(prompt_ids[:prompt_len])
-        completion_ids_out.append([ids[prompt_len:] for ids in full_ids])
-    output = {"prompt_ids": prompt_ids_out, "completion_ids": completion_ids_out}
-    if reward_funcs:
-        output["rewards"] = _score_completions(batch, completion_ids_out, reward_funcs, reward_weights)
-    return output
-
-
-def _score_completions(batch, completion_ids, reward_funcs, reward_weights) -> list[list[float]]:
-    """Rewards of every completion, in TRL's GRPO reward convention.
-
-    Each function receives one flat list per argument (`prompts`, `completions`, `completion_ids`, and every other
-    column repeated once per completion) and returns one float (or `None`) per completion. As GRPO, `None` counts as
-    NaN and the weighted sum over functions ignores NaNs.
-    """
-    counts = [len(c) for c in batch["completions"]]
-    repeat = lambda column: [value for value, k in zip(column, counts, strict=True) for _ in range(k)]  # noqa: E731
-    kwargs = {key: repeat(values) for key, values in batch.items() if key not in ("prompt", "completions", "rewards")}
-    prompts = repeat(batch["prompt"])
-    completions = [c for row in batch["completions"] for c in row]
-    flat_ids = [ids for row in completion_ids for ids in row]
-    per_func = []
-    for func in reward_funcs:
-        scores = func(prompts=prompts, completions=completions, completion_ids=flat_ids, **kwargs)
-        if len(scores) != len(completions):
-            name = getattr(func, "__name__", type(func).__name__)
-            raise ValueError(f"Reward function {name!r} returned {len(scores)} rewards for {len(completions)} completions.")
-        per_func.append(torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32))
-    weights = torch.tensor(reward_weights, dtype=torch.float32)
-    rewards = (torch.stack(per_func, dim=1) * weights).nansum(dim=1).tolist()
-    out, start = [], 0
-    for k in counts:
-        out.append(rewards[start : start + k])
-        start += k
-    return out
-
-
-@dataclass
-class DataCollatorForListwisePreference(DataCollatorMixin):
-    """
-    Batches listwise preference rows (and TRL's tokenized pairs) for [`ADPOTrainer`].
-
-    Each row holds `prompt_ids` and either `completion_ids` (a list of K token lists, K may differ between rows) with
-    `rewards` (K floats), or TRL's `chosen_ids`/`rejected_ids` (a pair, K = 2, hard target). The K completions of
-    every row are flattened, row after row, into one right-padded batch of `prompt + completion` sequences:
-
-    - `input_ids`, `attention_mask`, `completion_mask`: `[N, L]` with `N = sum K` (padding is masked out of both);
-    - `completion_counts`: `[B]`, K of each row, which maps sequences back to their prompt;
-    - `rewards`: `[N]` (1 for chosen, 0 for rejected on pairs);
-    - `hard_target`: `[B]` bool, rows whose target is one-hot on the best completion (pairs).
-
-    Args:
-        pad_token_id (`int`): token id used for padding.
-        max_length (`int` or `None`, defaults to `None`): truncate every sequence to this many tokens.
-        truncation_mode (`str`, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"`, as TRL's collator.
-        pad_to_multiple_of (`int` or `None`, defaults to `None`): pad the length to a multiple of this value.
-    """
-
-    pad_token_id: int
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    pad_to_multiple_of: int | None = None
-    return_tensors: str = "pt"
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, masks, rewards, counts, hard = [], [], [], [], []
-        for example in examples:
-            if "completion_ids" in example:
-                completions, row_rewards = example["completion_ids"], example["rewards"]
-                if len(row_rewards) != len(completions):
-                    raise ValueError(f"A row has {len(completions)} completions but {len(row_rewards)} rewards.")
-                hard.append(False)
-            else:
-                completions, row_rewards = [example["chosen_ids"], example["rejected_ids"]], [1.0, 0.0]
-                hard.append(True)
-            prompt = list(example["prompt_ids"])
-            for completion in completions:
-                sequences.append(prompt + list(completion))
-                masks.append([0] * len(prompt) + [1] * len(completion))
-            rewards.extend(float(r) for r in row_rewards)
-            counts.append(len(completions))
-        if self.max_length is not None:
-            if self.truncation_mode == "keep_start":
-                window = slice(None, self.max_length)
-            elif self.truncation_mode == "keep_end":
-                window = slice(-self.max_length, None)
-            else:
-                raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
-            sequences, masks = [s[window] for s in sequences], [m[window] for m in masks]
-        as_tensors = lambda rows: [torch.tensor(r, dtype=torch.long) for r in rows]  # noqa: E731
-        return {
-            "input_ids": pad(as_tensors(sequences), padding_value=self.pad_token_id, padding_side="right",
-                             pad_to_multiple_of=self.pad_to_multiple_of),
-            "attention_mask": pad(as_tensors([[1] * len(s) for s in sequences]), padding_value=0,
-                                  padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
-            "completion_mask": pad(as_tensors(masks), padding_value=0, padding_side="right",
-                                   pad_to_multiple_of=self.pad_to_multiple_of),
-            "completion_counts": torch.tensor(counts, dtype=torch.long),
-            "rewards": torch.tensor(rewards, dtype=torch.float32),
-            "hard_target": torch.tensor(hard, dtype=torch.bool),
-        }
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -429,7 +267,7 @@ class _AnchorUpdateCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
+class ADPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
     """TRL's [`DPOTrainer`] with ADPO's anchored listwise loss ([ADPO](https://huggingface.co/papers/2510.18913)).
 
     Args are those of `DPOTrainer`, plus:
@@ -483,22 +321,10 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
         teacher_model: PreTrainedModel | str | None = None,
         reward_funcs: Callable | Sequence[Callable] | None = None,
     ):
-        if args is None:
-            raise ValueError("ADPOTrainer needs `args=ADPOConfig(...)` (an output_dir at least).")
-        if not isinstance(args, ADPOConfig):
-            raise TypeError(f"ADPOTrainer expects an ADPOConfig, got {type(args).__name__}.")
+        self._require_config(args, ADPOConfig)
 
         # Set before DPOTrainer.__init__, which calls `_prepare_dataset` (where the rewards are computed).
-        if reward_funcs is None:
-            reward_funcs = []
-        elif callable(reward_funcs):
-            reward_funcs = [reward_funcs]
-        self.reward_funcs = list(reward_funcs)
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"ADPOConfig.reward_weights has {len(args.reward_weights)} weights for {len(self.reward_funcs)} reward functions."
-            )
-        self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+        self._set_reward_funcs(reward_funcs, args)
         # Pairs (DPO's columns), listwise rows with their rewards, listwise rows scored by `reward_funcs`, or
         # already tokenized listwise rows.
         listwise = [("prompt", "completions", "rewards"), ("prompt_ids", "completion_ids")]
@@ -512,62 +338,57 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
             formats=(*PREFERENCE_FORMATS, *listwise),
             hint="Listwise rows without a `rewards` column need `reward_funcs` to score their `completions`.",
         )
+        ref_model = self._anchor_model(model, ref_model, teacher_model, args, processing_class, peft_config)
+        if data_collator is None:
+            data_collator = DataCollatorForListwisePreference(
+                pad_token_id=pad_token_id(processing_class),
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        super().__init__(
+            model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+        )
+        disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
+        self._set_up_anchor(args)
 
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
+    def _set_reward_funcs(self, reward_funcs, args: ADPOConfig) -> None:
+        if reward_funcs is None:
+            reward_funcs = []
+        elif callable(reward_funcs):
+            reward_funcs = [reward_funcs]
+        self.reward_funcs = list(reward_funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"ADPOConfig.reward_weights has {len(args.reward_weights)} weights for {len(self.reward_funcs)} reward functions."
+            )
+        self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+
+    def _anchor_model(self, model, ref_model, teacher_model, args: ADPOConfig, processing_class, peft_config):
+        """The model handed to DPOTrainer as `ref_model`: the loaded teacher (anchor="teacher"), the given reference,
+        a copy of an in-memory policy, or None (a PEFT policy, or DPOTrainer reloads the policy's path)."""
         if args.anchor == "teacher":
-            if teacher_model is None:
-                raise ValueError("ADPOConfig.anchor='teacher' needs a `teacher_model` (a model, a path or a Hub id).")
             if ref_model is not None:
                 raise ValueError("With anchor='teacher' the teacher is the anchor: pass `teacher_model`, not `ref_model`.")
             # DPOTrainer then handles the teacher as it handles any reference: frozen, dropout off, fused log-prob
             # head, placed by accelerate; and it creates no copy of the policy.
-            ref_model = load_teacher(
-                teacher_model,
-                quantization=args.teacher_quantization,
-                adapter=args.teacher_adapter,
-                model_init_kwargs=args.teacher_model_init_kwargs,
-            )
-        elif teacher_model is not None:
+            return self._load_teacher(teacher_model, args, processing_class)
+        if teacher_model is not None:
             raise ValueError(f"`teacher_model` is only used with anchor='teacher' (ADPOConfig.anchor={args.anchor!r}).")
-        elif (
-            ref_model is None
-            and isinstance(model, PreTrainedModel)
-            and peft_config is None
-            and not is_peft_model(model)
-        ):
+        if ref_model is None and isinstance(model, PreTrainedModel) and peft_config is None and not is_peft_model(model):
             # DPOTrainer would reload the reference from `config._name_or_path`, which an in-memory model may not
             # have (or which may hold other weights than the ones passed in); a copy is the same policy at step 0.
-            ref_model = copy.deepcopy(model)
+            return copy.deepcopy(model)
+        return ref_model
 
-        super().__init__(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator
-            or DataCollatorForListwisePreference(
-                pad_token_id=_pad_token_id(processing_class),
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            ),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
-        disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
-
+    def _set_up_anchor(self, args: ADPOConfig) -> None:
+        """After DPOTrainer's set-up: the teacher anchor's vocabulary checks, or the moving anchor's adapter/callback."""
         self.teacher_vocab_columns = None
         if args.anchor == "teacher":
-            self.teacher_vocab_columns = check_vocab_compatible(
-                self._tokenizer, student_model=self.model, teacher_model=self.ref_model
-            )
-
+            self._prepare_teacher(self.ref_model, placement=None)  # TRL placed it as `ref_model`
+            self.teacher_vocab_columns = self.vocab_columns
         if args.anchor in ("ema", "periodic"):
             if is_peft_model(self.model):
                 self._add_anchor_adapter()
@@ -611,8 +432,8 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
         """An EMA/periodic anchor held as a separate model; a PEFT policy's anchor adapter is saved with the policy."""
         return self.args.anchor in ("ema", "periodic") and self.ref_model is not None
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def _save_extra_state(self, output_dir: str) -> None:
+        super()._save_extra_state(output_dir)
         if self._has_moving_anchor_model():
             from safetensors.torch import save_model
 
@@ -622,6 +443,7 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
                     save_model(anchor, os.path.join(output_dir, ANCHOR_WEIGHTS_NAME))
 
     def _load_extra_state(self, checkpoint: str) -> None:
+        super()._load_extra_state(checkpoint)
         if not self._has_moving_anchor_model():
             return
         path = os.path.join(checkpoint, ANCHOR_WEIGHTS_NAME)
@@ -655,46 +477,16 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        first = next(iter(dataset))
-        if "completions" not in first:
+        if "completions" not in next(iter(dataset)):
             if self.reward_funcs:
                 raise ValueError(
                     "`reward_funcs` score listwise data: the dataset needs a `completions` column (a list per prompt)."
                 )
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if "prompt_ids" in first:  # already tokenized
-            return dataset
-        if "prompt" not in first:
-            raise ValueError("Listwise data needs a `prompt` column beside `completions`.")
-        if self.reward_funcs and "rewards" in first:
-            raise ValueError(
-                "The dataset has a `rewards` column and `reward_funcs` were given: drop one of them, so it is clear "
-                "which rewards ADPO's target uses."
-            )
-        if not self.reward_funcs and "rewards" not in first:
-            raise ValueError("Listwise data needs a `rewards` column (a list per prompt), or pass `reward_funcs`.")
-
-        map_kwargs: dict[str, Any] = {"batched": True}
-        if isinstance(dataset, Dataset):  # IterableDataset.map takes neither num_proc nor desc
-            map_kwargs.update(num_proc=args.dataset_num_proc, desc=f"Tokenizing listwise {dataset_name} dataset")
-        with global_then_local_main_first():
-            dataset = dataset.map(
-                _listwise_tokenize,
-                fn_kwargs={
-                    "processing_class": processing_class,
-                    "reward_funcs": self.reward_funcs,
-                    "reward_weights": self.reward_weights,
-                    "eos_token": self._tokenizer.eos_token,
-                },
-                **map_kwargs,
-            )
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                # As TRL: a prompt that fills max_length would leave no completion token to learn from.
-                filter_kwargs = {k: v for k, v in map_kwargs.items() if k != "batched"}
-                if "desc" in filter_kwargs:
-                    filter_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
-                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length, **filter_kwargs)
-        return dataset
+        return prepare_listwise_dataset(
+            dataset, processing_class, args, dataset_name, self.reward_funcs, self.reward_weights,
+            self._tokenizer.eos_token,
+        )
 
     def _count_step_tokens(self, batch_samples):
         if not self.args.anchor_kl_coef:
@@ -765,12 +557,3 @@ class ADPOTrainer(DistillTrainerMixin, DPOTrainer):
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """A metric's values from every process, flat and in float32."""
         return self.accelerator.gather_for_metrics(tensor.detach().float().reshape(-1))
-
-
-def _pad_token_id(processing_class) -> int:
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if tokenizer is None:
-        raise ValueError("ADPOTrainer needs `processing_class` (the policy's tokenizer).")
-    if tokenizer.pad_token is None:  # as DPOTrainer: fall back to EOS
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id

@@ -20,10 +20,8 @@ extra student forward.
 from __future__ import annotations
 
 import contextlib
-import json
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +33,14 @@ from trl.trainer.utils import pad
 
 from .. import losses, offline_teacher
 from ._common import DistillArguments, DistillTrainerMixin
+from ._teacher import TeacherArguments, TeacherTrainerMixin
 from ..teacher import (
-    check_plain_logits,
-    check_quantization,
-    disable_cpu_4bit_packing,
     adapter_disabled,
     backbone_hidden_states,
+    causal_lm,
+    check_plain_logits,
     check_vocab_compatible,
-    load_teacher,
+    disable_cpu_4bit_packing,
     output_head,
 )
 from ..validation import PREFERENCE_FORMATS, validate_datasets
@@ -62,7 +60,7 @@ MODE_DEFAULT_WEIGHTS = {
 
 
 @dataclass
-class DistillDPOConfig(DistillArguments, DPOConfig):
+class DistillDPOConfig(TeacherArguments, DistillArguments, DPOConfig):
     r"""
     Configuration for [`DistillDPOTrainer`]. Every field of TRL's `DPOConfig` keeps its meaning (`beta`, `loss_type`,
     `precompute_ref_log_probs`, ...); the fields below are added, with `overwrite_output_dir` and `on_nonfinite` shared
@@ -75,15 +73,6 @@ class DistillDPOConfig(DistillArguments, DPOConfig):
             [Gao et al. 2025](https://huggingface.co/papers/2502.17927). The mode sets the default weights below; any
             term with a non-zero weight is computed in any mode (e.g. ADPA+ = `mode="adpa"` started from a DCKD
             student, or `mode="adpa"` with `chosen_kd_weight=0.1, rejected_kd_weight=0.1`).
-        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            Teacher used when the trainer gets no `teacher_model` argument (the `trl-distill distill-dpo` CLI).
-        teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
-            Keyword arguments for the teacher's `from_pretrained` when it is given as a path or Hub id.
-        teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
-            `"4bit"` loads the teacher with bitsandbytes nf4 (fp32 compute on CPU, bf16 on CUDA).
-        teacher_adapter (`str` or `None`, *optional*, defaults to `None`):
-            Path or Hub id of the preference-aligned teacher's PEFT (LoRA) adapter, loaded frozen. Adapter on is the
-            aligned teacher (the DPO reference and the KD target); adapter off is ADPA's reference teacher.
         dpo_weight (`float` or `None`, *optional*, defaults to `None`):
             Weight of TRL's DPO loss. Mode default: 1.0 for `"teacher_ref"`, 0.0 otherwise. At 0.0 the DPO loss is
             still computed for its logged rewards/margins/accuracies but not back-propagated.
@@ -110,22 +99,14 @@ class DistillDPOConfig(DistillArguments, DPOConfig):
         advantage_clamp (`list[float]` or `None`, *optional*, defaults to `None`):
             `[lo, hi]` clamps the advantage `A` to `[lo, hi]`. Not clamped by default. The authors' code ends up
             clamping `A` to (0, 1) through a probability-stabilising clamp; `[0.0, 1.0]` reproduces it.
+
+    The teacher fields (`teacher_model_name_or_path`, `teacher_model_revision`, `teacher_model_init_kwargs`,
+    `teacher_quantization`, `teacher_adapter`) are those of every config with a teacher (see [`TeacherArguments`]).
+    Here `teacher_adapter` is the preference-aligned teacher's LoRA adapter: adapter on is the aligned teacher (the DPO
+    reference and the KD target), adapter off is ADPA's reference teacher.
     """
 
     mode: str = field(default="teacher_ref", metadata={"help": f"Distillation mode, one of {MODES}."})
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher path or Hub id (when the trainer gets no `teacher_model`)."}
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments (dict or JSON string) for the teacher's from_pretrained."}
-    )
-    teacher_quantization: str | None = field(
-        default=None, metadata={"help": "'4bit' to load the teacher in bitsandbytes nf4, or None."}
-    )
-    teacher_adapter: str | None = field(
-        default=None,
-        metadata={"help": "Path or id of the aligned teacher's LoRA adapter (on = aligned, off = ADPA reference)."},
-    )
     dpo_weight: float | None = field(
         default=None, metadata={"help": "Weight of TRL's DPO loss (None: 1.0 in teacher_ref, 0.0 otherwise)."}
     )
@@ -155,7 +136,7 @@ class DistillDPOConfig(DistillArguments, DPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # Our own fields first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.mode not in MODES:
             raise ValueError(f"DistillDPOConfig.mode={self.mode!r} is not one of {MODES}.")
         for name, default in MODE_DEFAULT_WEIGHTS[self.mode].items():
@@ -182,14 +163,12 @@ class DistillDPOConfig(DistillArguments, DPOConfig):
                     f"DistillDPOConfig.advantage_clamp must be [lo, hi] with lo < hi, got {self.advantage_clamp}."
                 )
             self.advantage_clamp = [float(bound) for bound in self.advantage_clamp]
-        check_quantization(self.teacher_quantization, "DistillDPOConfig.teacher_quantization")
-        if isinstance(self.teacher_model_init_kwargs, str):  # the CLI passes dicts as JSON strings
-            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
         if self.sync_ref_model:
             raise ValueError(
                 "DistillDPOConfig.sync_ref_model=True would blend the student into the teacher (the reference): "
                 "the teacher stays fixed in distillation. Set sync_ref_model=False."
             )
+        super().__post_init__()
 
 
 def adpa_advantage_term(
@@ -242,14 +221,9 @@ class _FirstBackboneOutput(contextlib.AbstractContextManager):
         return False
 
 
-def _transformers_model(model):
-    """The transformers model under a PEFT wrapper (LoRA layers stay live inside it), or `model` itself."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 def _backbone(model) -> torch.nn.Module:
     """The decoder stack whose output TRL's fused LM head projects (`PreTrainedModel.base_model`)."""
-    return _transformers_model(model).base_model
+    return causal_lm(model, allow_prompt_learning=True).base_model
 
 
 def _logits_at(model, hidden: torch.Tensor, positions: torch.Tensor, columns: int | None = None) -> torch.Tensor:
@@ -259,7 +233,7 @@ def _logits_at(model, hidden: torch.Tensor, positions: torch.Tensor, columns: in
     return logits if columns is None else logits[:, :columns]
 
 
-class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
+class DistillDPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
     """TRL's [`DPOTrainer`] with a teacher: the teacher is the DPO reference, and DCKD / ADPA terms distill it.
 
     Args are those of `DPOTrainer` except `ref_model`, replaced by `teacher_model`: a model, a local path or a Hub id
@@ -293,61 +267,58 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
     }
 
     def __init__(self, model, teacher_model=None, args: DistillDPOConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("DistillDPOTrainer needs `args=DistillDPOConfig(...)` (an output_dir at least).")
-        if not isinstance(args, DistillDPOConfig):
-            raise TypeError(f"DistillDPOTrainer expects a DistillDPOConfig, got {type(args).__name__}.")
+        self._require_config(args, DistillDPOConfig)
         if kwargs.get("ref_model") is not None:
             raise ValueError(
                 "DistillDPOTrainer takes no `ref_model`: the teacher is the reference. Pass it as `teacher_model`."
             )
         kwargs.pop("ref_model", None)
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        stored = teacher_model is None  # offline: the teacher's top-k and log-probs come with the dataset
+        processing_class = kwargs.get("processing_class")
+        # Offline: no teacher anywhere (`_load_teacher` would require one); its top-k and log-probs come with the data.
+        stored = teacher_model is None and args.teacher_model_name_or_path is None
         if stored:
-            self.stored_teacher_info = offline_teacher.check_dpo_run(args, kwargs.get("processing_class"), kwargs)
+            self.stored_teacher_info = offline_teacher.check_dpo_run(args, processing_class, kwargs)
             # The stored sequence log-probs are TRL's precomputed reference (see `_precompute_ref_logps`), and the
             # collator needs the stored columns that TRL's signature columns would drop.
             args.precompute_ref_log_probs, args.remove_unused_columns = True, False
         validate_datasets(
             "DistillDPOTrainer",
-            kwargs.get("processing_class"),
+            processing_class,
             kwargs.get("train_dataset"),
             kwargs.get("eval_dataset"),
             formats=PREFERENCE_FORMATS,
         )
-        teacher = None if stored else load_teacher(
-            teacher_model,
-            quantization=args.teacher_quantization,
-            adapter=args.teacher_adapter,
-            model_init_kwargs=args.teacher_model_init_kwargs,
-        )
+        teacher = None if stored else self._load_teacher(teacher_model, args, processing_class)
         if args.adpa_weight and not is_peft_model(teacher):
             raise ValueError(
                 "DistillDPOConfig.adpa_weight > 0 needs a teacher with a LoRA adapter (`teacher_adapter=...` or a "
                 "PeftModel teacher): adapter on is the aligned teacher, adapter off the reference teacher."
             )
         # Fail before TRL tokenizes the data and runs the teacher on it (precompute_ref_log_probs) when we can.
-        processing_class = kwargs.get("processing_class")
         if processing_class is not None and not isinstance(model, str):
-            self._check_vocabularies(processing_class, model, teacher)
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            check_vocab_compatible(tokenizer, student_model=model, teacher_model=teacher)
 
         # TRL patches `ref_model.forward` with its fused LM head and expects a transformers model there: hand it the
         # model under the PEFT wrapper, whose LoRA layers stay live, i.e. the aligned teacher (adapter on).
-        super().__init__(model, ref_model=None if stored else _transformers_model(teacher), args=args, **kwargs)
+        super().__init__(model, ref_model=None if stored else causal_lm(teacher), args=args, **kwargs)
         disable_cpu_4bit_packing(self.model)  # a QLoRA student on CPU would lose its gradients after no-grad passes
-        self.teacher_model = teacher
-        self.vocab_columns = self._check_vocabularies(self.processing_class, self.model, teacher)
-        if stored:
-            self.vocab_columns = offline_teacher.stored_vocab_columns(self.stored_teacher_info, self.vocab_columns)
+        if stored:  # the collator turns the stored columns into the teacher's top-k and TRL's ref_*_logps
+            self.teacher_model = self._prepare_stored_teacher(self.stored_teacher_info)
             self.data_collator = offline_teacher.StoredPreferenceTeacherCollator(
                 self.data_collator, self.stored_teacher_info.top_k
             )
+        else:
+            self.teacher_model = self._prepare_teacher(teacher, placement=None)  # TRL placed it as `ref_model`
+        self._set_up_distillation_terms(args)
+
+    def _set_up_distillation_terms(self, args: DistillDPOConfig) -> None:
+        """What the DCKD / ADPA terms need beyond TRL's DPO: plain logits and the greedy generation settings."""
         if any((args.sft_weight, args.chosen_kd_weight, args.rejected_kd_weight, args.adpa_weight)):
             # The terms project backbone outputs through the heads; softcapped or scaled logits would differ.
-            for distilled in (self.model, teacher):
-                if distilled is not None:
-                    check_plain_logits(_transformers_model(distilled))
+            for distilled in (self.model, self.teacher_model):
+                if distilled is not None:  # no teacher model: a stored teacher
+                    check_plain_logits(causal_lm(distilled))
         self._adds_distillation_terms = any(
             (args.sft_weight, args.chosen_kd_weight, args.rejected_kd_weight, args.adpa_weight)
         ) or args.dpo_weight != 1.0
@@ -356,12 +327,6 @@ class DistillDPOTrainer(DistillTrainerMixin, DPOTrainer):
             do_sample=False,
             pad_token_id=self._tokenizer.pad_token_id,
             eos_token_id=self._tokenizer.eos_token_id,
-        )
-
-    @staticmethod
-    def _check_vocabularies(processing_class, student, teacher) -> int:
-        return check_vocab_compatible(
-            getattr(processing_class, "tokenizer", processing_class), student_model=student, teacher_model=teacher
         )
 
     def _precompute_ref_logps(self, dataset, name, batch_size):

@@ -13,29 +13,22 @@ from typing import Any
 import torch
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
-from trl.models import prepare_deepspeed
-from trl.models.utils import _ForwardRedirection
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .. import losses, offline_teacher
+from .._compat import ForwardRedirection
 from ._common import DistillArguments, DistillTrainerMixin
 from ._generation import OnPolicyGenerationArguments, OnPolicyGenerationMixin
 from ._sft import check_divergence_fields, divergence_loss_type
-from ..teacher import (
-    backbone_hidden_states,
-    check_quantization,
-    check_vocab_compatible,
-    disable_cpu_4bit_packing,
-    load_teacher,
-    output_head,
-)
+from ._teacher import TeacherArguments, TeacherTrainerMixin
+from ..teacher import backbone_hidden_states, disable_cpu_4bit_packing, output_head
 from ..validation import validate_datasets
 
 
 
 @dataclass
-class GKDVariantConfig(DistillArguments, OnPolicyGenerationArguments, GKDConfig):
+class GKDVariantConfig(TeacherArguments, DistillArguments, OnPolicyGenerationArguments, GKDConfig):
     r"""
     Configuration for [`GKDVariant`]. Every field of TRL's `GKDConfig` keeps its meaning; the fields below are added,
     with `overwrite_output_dir` and `on_nonfinite` shared by every trl-distill config (see [`DistillArguments`]), and
@@ -65,10 +58,9 @@ class GKDVariantConfig(DistillArguments, OnPolicyGenerationArguments, GKDConfig)
         loss_chunk_size (`int` or `None`, *optional*, defaults to `256`):
             Number of completion rows projected to vocabulary logits at a time. The chunked path never builds the
             full `[B*T, V]` logits of either model. `None` or `0` uses the dense path (full logits from `model()`).
-        teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
-            `"4bit"` loads the teacher with bitsandbytes nf4 (fp32 compute on CPU, bf16 on CUDA).
-        teacher_adapter (`str` or `None`, *optional*, defaults to `None`):
-            Path or Hub id of a PEFT adapter to load on the teacher (kept frozen).
+
+    The teacher fields (`teacher_model_name_or_path`, `teacher_model_revision`, `teacher_model_init_kwargs`,
+    `teacher_quantization`, `teacher_adapter`) are those of every config with a teacher (see [`TeacherArguments`]).
     """
 
     loss_type: str = field(
@@ -87,35 +79,27 @@ class GKDVariantConfig(DistillArguments, OnPolicyGenerationArguments, GKDConfig)
     loss_chunk_size: int | None = field(
         default=256, metadata={"help": "Rows per chunk of the chunked loss; None or 0 for the dense loss."}
     )
-    teacher_quantization: str | None = field(
-        default=None, metadata={"help": "'4bit' to load the teacher in bitsandbytes nf4, or None."}
-    )
-    teacher_adapter: str | None = field(
-        default=None, metadata={"help": "Path or id of a PEFT adapter loaded (frozen) on the teacher."}
-    )
 
     _VALID_DICT_FIELDS = GKDConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
 
     def __post_init__(self):
-        # Before GKDConfig's own check, whose message does not say which config the field belongs to.
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"GKDVariantConfig.beta must be in [0, 1], got {self.beta}.")
-        super().__post_init__()
+        # Our own fields first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         check_divergence_fields(self)
         if self.teacher_top_k is not None and self.teacher_top_k < 1:
             raise ValueError(f"GKDVariantConfig.teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ValueError(f"GKDVariantConfig.loss_chunk_size must be >= 0 or None, got {self.loss_chunk_size}.")
-        check_quantization(self.teacher_quantization, "GKDVariantConfig.teacher_quantization")
         self.check_generation_fields("GKDVariantConfig")
+        super().__post_init__()
 
 
-class GKDVariant(DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
+class GKDVariant(TeacherTrainerMixin, DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
     """TRL's [`GKDTrainer`] with seven divergences, a top-k teacher, a chunked loss and a 4-bit teacher.
 
-    Args are those of `GKDTrainer`; `teacher_model` may be a model, a path or a Hub id. It is loaded through
-    [`trl_distill.teacher.load_teacher`] (4-bit and a frozen adapter on request, see [`GKDVariantConfig`]).
-    `teacher_model=None` trains off-policy (`lmbda=0`, no `seq_kd`) from a stored teacher: a dataset scored by
+    Args are those of `GKDTrainer`; `teacher_model` may be a model, a path or a Hub id, or None to use
+    `GKDVariantConfig.teacher_model_name_or_path`. It is loaded through the shared teacher set-up (docs/teacher.md:
+    tokenizer and vocabulary checks, 4-bit and a frozen adapter on request, see [`GKDVariantConfig`]). With neither,
+    it trains off-policy (`lmbda=0`, no `seq_kd`) from a stored teacher: a dataset scored by
     `trl-distill teacher-topk` ([`trl_distill.offline_teacher`], docs/offline_teacher.md).
 
     Logged metrics (train and eval): `divergence` (the loss without normalisation tricks), `teacher_agreement`
@@ -128,14 +112,12 @@ class GKDVariant(DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
     _card_trl_fields = ("lmbda", "beta", "seq_kd", "temperature", "max_new_tokens")
 
     def __init__(self, model=None, teacher_model=None, args: GKDVariantConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("GKDVariant needs `args=GKDVariantConfig(...)` (an output_dir at least).")
-        if not isinstance(args, GKDVariantConfig):
-            raise TypeError(f"GKDVariant expects a GKDVariantConfig, got {type(args).__name__}.")
+        self._require_config(args, GKDVariantConfig)
         processing_class = kwargs.get("processing_class")
         if processing_class is None:
             raise ValueError("GKDVariant needs `processing_class` (the student's tokenizer).")
-        stored = teacher_model is None  # offline: the teacher's top-k come with the dataset
+        # offline: no teacher anywhere, its top-k come with the dataset (`_load_teacher` would require one)
+        stored = teacher_model is None and args.teacher_model_name_or_path is None
         if stored:
             self.stored_teacher_info = offline_teacher.check_gkd_run(args, processing_class, kwargs)
 
@@ -149,12 +131,7 @@ class GKDVariant(DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
             hint="GKD trains on conversations: a `messages` list of role/content dicts ending with the completion.",
         )
         if not stored:
-            teacher_model = load_teacher(
-                teacher_model,
-                quantization=args.teacher_quantization,
-                adapter=args.teacher_adapter,
-                model_init_kwargs=args.teacher_model_init_kwargs,
-            )
+            teacher_model = self._load_teacher(teacher_model, args, processing_class)
 
         # Mirrors GKDTrainer's own set-up: the collator needs the raw `messages` column.
         args.remove_unused_columns = False
@@ -167,34 +144,28 @@ class GKDVariant(DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
         # GKDTrainer.__init__ would reject any difference in `config.vocab_size`, which also rejects real pairs
-        # whose heads are only padded differently (e.g. Qwen2.5-0.5B vs -7B). We check the vocabulary ourselves
-        # below, so run SFT's init and set up GKD's state here.
+        # whose heads are only padded differently (e.g. Qwen2.5-0.5B vs -7B). `_prepare_teacher` checks the
+        # vocabulary instead, so run SFT's init and set up GKD's state here.
         with divergence_loss_type(args):
             SFTTrainer.__init__(self, model, args=args, **kwargs)
         # bitsandbytes' packed CPU path (taken by no-grad passes such as generation) drops a QLoRA student's gradients
         disable_cpu_4bit_packing(self.model)
-
-        self.vocab_columns = check_vocab_compatible(
-            self.processing_class, student_model=self.model, teacher_model=teacher_model
-        )
-        if stored:
-            self.vocab_columns = offline_teacher.stored_vocab_columns(self.stored_teacher_info, self.vocab_columns)
-
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         if stored:
-            self.teacher_model = None
-        elif self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            self.teacher_model = self._prepare_stored_teacher(self.stored_teacher_info)
         else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            self.teacher_model = self._prepare_teacher(teacher_model)
+        self._set_up_generation(args)
 
+    def _set_up_generation(self, args: GKDVariantConfig) -> None:
+        """GKDTrainer's state for its on-policy / sequence-level KD mixture (what its skipped `__init__` sets)."""
         self.lmbda = args.lmbda
         self.beta = args.beta
         self.temperature = args.temperature
         self.seq_kd = args.seq_kd
         self._setup_generation(args.max_new_tokens)  # HF GenerationConfig, or TRL's VLLMGeneration (use_vllm)
-        self._forward_redirection = _ForwardRedirection()
+        self._forward_redirection = ForwardRedirection()
 
     # ------------------------------------------------------------------ data
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -251,56 +222,45 @@ class GKDVariant(DistillTrainerMixin, OnPolicyGenerationMixin, GKDTrainer):
         # Position t predicts token t+1: drop the last hidden state, compare against labels[1:].
         mask = inputs["labels"][:, 1:] != -100
         student_hidden = backbone_hidden_states(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
-        if self.teacher_model is None:
-            return self._stored_chunked_loss(student, student_hidden, inputs, mask, num_items_in_batch)
-        with torch.no_grad():
-            teacher_hidden = backbone_hidden_states(
-                self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
-            )[:, :-1]
-        student_head, teacher_head = output_head(student), output_head(self.teacher_model)
-        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
-        teacher_hidden = teacher_hidden.to(student_hidden.device)
-        self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
-
-        def chunked_loss():
-            return losses.chunked_divergence(
-                self.args.loss_type,
-                student_hidden,
-                student_head.weight[:columns],
-                teacher_hidden,
-                teacher_head.weight[:columns].to(student_hidden.device),
-                student_bias=None if student_head.bias is None else student_head.bias[:columns],
-                teacher_bias=None if teacher_head.bias is None else teacher_head.bias[:columns],
-                mask=mask,
-                num_items=num_items_in_batch,
-                chunk_size=self.args.loss_chunk_size,
-                return_stats=True,
-                **self._loss_kwargs(),
-            )
-
-        return self._as_heads_forward(student_head, teacher_head, chunked_loss)  # gathers ZeRO-3 head shards
-
-    def _stored_chunked_loss(self, student, student_hidden, inputs, mask, num_items_in_batch):
-        """The chunked loss against the stored teacher's top-k (offline: no teacher forward)."""
         student_head = output_head(student)
-        columns = self.vocab_columns
-        self._watch_terms({"student hidden states": student_hidden})
+        columns = self.vocab_columns  # heads padded past the shared tokenizer are compared on its columns only
+        if self.teacher_model is None:  # offline: the stored teacher's top-k, no teacher forward
+            teacher_head, stored = None, offline_teacher.stored_teacher(inputs)
+            self._watch_terms({"student hidden states": student_hidden})
+        else:
+            with torch.no_grad():
+                teacher_hidden = backbone_hidden_states(
+                    self.teacher_model, inputs["input_ids"], inputs["attention_mask"]
+                )[:, :-1]
+            teacher_head = output_head(self.teacher_model)
+            teacher_hidden = teacher_hidden.to(student_hidden.device)
+            self._watch_terms({"student hidden states": student_hidden, "teacher hidden states": teacher_hidden})
 
-        def chunked_loss():
+        def chunked_loss():  # reads the heads' weights inside their forward, where ZeRO-3 has gathered them
+            if teacher_head is None:
+                teacher = {"teacher_logits": stored}
+            else:
+                teacher = {
+                    "teacher_hidden": teacher_hidden,
+                    "teacher_weight": teacher_head.weight[:columns].to(student_hidden.device),
+                    "teacher_bias": None if teacher_head.bias is None else teacher_head.bias[:columns],
+                }
             return losses.chunked_divergence(
                 self.args.loss_type,
                 student_hidden,
                 student_head.weight[:columns],
-                teacher_logits=offline_teacher.stored_teacher(inputs),
                 student_bias=None if student_head.bias is None else student_head.bias[:columns],
                 mask=mask,
                 num_items=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 return_stats=True,
+                **teacher,
                 **self._loss_kwargs(),
             )
 
-        return self._forward_redirection(student_head, student_head, chunked_loss)  # gathers ZeRO-3 head shards
+        if teacher_head is None:
+            return self._forward_redirection(student_head, student_head, chunked_loss)  # gathers ZeRO-3 head shards
+        return self._as_heads_forward(student_head, teacher_head, chunked_loss)
 
     def _dense_loss(self, model, inputs, num_items_in_batch):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}

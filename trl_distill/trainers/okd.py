@@ -21,21 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback, get_scheduler, set_seed
-from trl.models.utils import _ForwardRedirection
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .. import losses
+from .._compat import ForwardRedirection
 from ._common import DistillArguments, DistillTrainerMixin
 from ._sft import check_divergence_fields, divergence_loss_type
-from ..teacher import (
-    backbone_hidden_states,
-    check_quantization,
-    check_vocab_compatible,
-    disable_cpu_4bit_packing,
-    load_teacher,
-    output_head,
-)
+from ._teacher import TeacherArguments, TeacherTrainerMixin
+from ..teacher import backbone_hidden_states, disable_cpu_4bit_packing, output_head
 from ..validation import SFT_FORMATS, validate_datasets
 
 TEACHER_UPDATES = ("online", "frozen")
@@ -47,7 +41,7 @@ TEACHER_SCHEDULER_NAME = "teacher_scheduler.pt"
 
 
 @dataclass
-class OKDConfig(DistillArguments, SFTConfig):
+class OKDConfig(TeacherArguments, DistillArguments, SFTConfig):
     r"""
     Configuration for [`OKDTrainer`], online knowledge distillation
     ([Rao et al., 2024](https://huggingface.co/papers/2409.12512)). Every field of TRL's `SFTConfig` keeps its meaning
@@ -55,20 +49,10 @@ class OKDConfig(DistillArguments, SFTConfig):
     `overwrite_output_dir` and `on_nonfinite` shared by every trl-distill config (see [`DistillArguments`]).
 
     Args:
-        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            Path or Hub id of the teacher, used when the trainer gets no `teacher_model`.
-        teacher_model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
-            Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the teacher is given as a path or id.
-        teacher_quantization (`str` or `None`, *optional*, defaults to `None`):
-            `"4bit"` loads the teacher's frozen base with bitsandbytes nf4 (fp32 compute on CPU, bf16 on CUDA).
         teacher_update (`str`, *optional*, defaults to `"online"`):
             `"online"` trains the teacher's LoRA online module with the teacher loss (OKD). `"frozen"` never updates
             the teacher: plain off-policy KD from the frozen teacher (with `teacher_adapter` loaded if given), the
             baseline OKD is compared against.
-        teacher_adapter (`str` or `None`, *optional*, defaults to `None`):
-            Path or Hub id of an existing teacher adapter. With `teacher_update="online"` it is trained further (e.g.
-            the `teacher_adapter/` that `save_model` wrote), instead of a fresh LoRA module; with `"frozen"` it is
-            loaded and kept frozen.
         teacher_lora_r (`int`, *optional*, defaults to `32`):
             Rank of the fresh LoRA online module (the paper's default).
         teacher_lora_alpha (`int`, *optional*, defaults to `64`):
@@ -106,25 +90,16 @@ class OKDConfig(DistillArguments, SFTConfig):
         loss_chunk_size (`int`, *optional*, defaults to `256`):
             Completion rows projected to vocabulary logits at a time. Neither model's full `[B*T, V]` logits are
             ever built.
+
+    The teacher fields (`teacher_model_name_or_path`, `teacher_model_revision`, `teacher_model_init_kwargs`,
+    `teacher_quantization`, `teacher_adapter`) are those of every config with a teacher (see [`TeacherArguments`]).
+    Here `teacher_adapter` is an existing teacher adapter: with `teacher_update="online"` it is trained further (e.g.
+    the `teacher_adapter/` that `save_model` wrote) instead of a fresh LoRA module; with `"frozen"` it stays frozen.
     """
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
-
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Path or Hub id of the teacher, used when no `teacher_model` is passed."}
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for loading the teacher with `from_pretrained`."}
-    )
-    teacher_quantization: str | None = field(
-        default=None, metadata={"help": "'4bit' to load the teacher's frozen base in bitsandbytes nf4, or None."}
-    )
     teacher_update: str = field(
         default="online",
         metadata={"help": "'online' trains the teacher's LoRA module (OKD); 'frozen' is plain KD from the teacher."},
-    )
-    teacher_adapter: str | None = field(
-        default=None, metadata={"help": "Existing teacher adapter to continue training (online) or to load (frozen)."}
     )
     teacher_lora_r: int = field(default=32, metadata={"help": "Rank of the teacher's LoRA online module."})
     teacher_lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha of the teacher's online module."})
@@ -155,10 +130,9 @@ class OKDConfig(DistillArguments, SFTConfig):
     loss_chunk_size: int = field(default=256, metadata={"help": "Rows per chunk of the chunked losses."})
 
     def __post_init__(self):
-        super().__post_init__()
+        # Our own fields first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.teacher_update not in TEACHER_UPDATES:
             raise ValueError(f"OKDConfig.teacher_update must be one of {TEACHER_UPDATES}, got {self.teacher_update!r}.")
-        check_quantization(self.teacher_quantization, "OKDConfig.teacher_quantization")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"OKDConfig.alpha must be in [0, 1], got {self.alpha}.")
         check_divergence_fields(self)
@@ -172,6 +146,7 @@ class OKDConfig(DistillArguments, SFTConfig):
             raise ValueError(f"OKDConfig.teacher_lora_r must be >= 1, got {self.teacher_lora_r}.")
         if not 0.0 <= self.teacher_lora_dropout < 1.0:
             raise ValueError(f"OKDConfig.teacher_lora_dropout must be in [0, 1), got {self.teacher_lora_dropout}.")
+        super().__post_init__()
         # Both backbones run on the padded batch with its attention mask; padding-free batches carry none.
         if self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")):
             raise ValueError(
@@ -200,7 +175,7 @@ class _TeacherOptimizerStep(TrainerCallback):
             self.trainer.teacher_lr_scheduler.step()
 
 
-class OKDTrainer(DistillTrainerMixin, SFTTrainer):
+class OKDTrainer(TeacherTrainerMixin, DistillTrainerMixin, SFTTrainer):
     """Online knowledge distillation: the student learns from a teacher whose LoRA online module learns alongside.
 
     Args are those of TRL's `SFTTrainer` (same datasets and collator), plus:
@@ -248,18 +223,11 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         teacher_peft_config=None,
         **kwargs,
     ):
-        if args is None:
-            raise ValueError("OKDTrainer needs `args=OKDConfig(...)` (an output_dir at least).")
-        if not isinstance(args, OKDConfig):
-            raise TypeError(f"OKDTrainer expects an OKDConfig, got {type(args).__name__}.")
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError("OKDTrainer needs a `teacher_model` (a model, a path or a Hub id).")
+        self._require_config(args, OKDConfig)
         if kwargs.get("processing_class") is None:
             raise ValueError("OKDTrainer needs `processing_class` (the student's tokenizer).")
         if teacher_peft_config is not None and args.teacher_update == "frozen":
             raise ValueError("`teacher_peft_config` configures the online module; OKDConfig.teacher_update='frozen'.")
-
         validate_datasets(
             "OKDTrainer",
             kwargs.get("processing_class"),
@@ -269,35 +237,19 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         )
 
         self.online = args.teacher_update == "online"
-        if self.online:
-            # A given adapter is trained further (a saved one, or the adapter of a PeftModel teacher); otherwise a
-            # fresh online module is attached.
-            from peft import PeftModel
-
-            if args.teacher_adapter is None and teacher_peft_config is None and isinstance(teacher_model, PeftModel):
-                adapter = None
-            else:
-                adapter = args.teacher_adapter or teacher_peft_config or self._online_module_config(args)
-        else:
-            adapter = args.teacher_adapter
         # A fresh online module is drawn here, before Trainer.__init__ seeds: seed first so `args.seed` fixes it.
         set_seed(args.seed)
-        teacher_model = load_teacher(
+        teacher_model = self._load_teacher(
             teacher_model,
-            quantization=args.teacher_quantization,
-            adapter=adapter,
+            args,
+            kwargs["processing_class"],
+            adapter=self._teacher_adapter(args, teacher_model, teacher_peft_config),
             trainable_adapter=self.online,
-            model_init_kwargs=args.teacher_model_init_kwargs,
         )
-
         with divergence_loss_type(args):
             super().__init__(model, args=args, **kwargs)
         # bitsandbytes' packed CPU path (taken by no-grad passes such as generation) drops a QLoRA student's gradients
         disable_cpu_4bit_packing(self.model)
-
-        self.vocab_columns = check_vocab_compatible(
-            self.processing_class, student_model=self.model, teacher_model=teacher_model
-        )
         if self.online and args.gradient_checkpointing:
             # The teacher now keeps activations for its adapter's backward: checkpoint them like the student's.
             teacher_model.gradient_checkpointing_enable(
@@ -307,7 +259,22 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
                 teacher_model.enable_input_require_grads()
         # Device placement (and mixed precision) only: DDP would need every process to own the teacher's graph, and
         # the adapter's gradients are small enough to average by hand (see `_step_teacher`).
-        self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model = self._prepare_teacher(teacher_model, placement="device")
+        self._set_up_teacher_training()
+
+    def _teacher_adapter(self, args: OKDConfig, teacher_model, teacher_peft_config):
+        """The adapter `load_teacher` attaches: online, the given adapter trained further (a saved one, or the adapter
+        of a PeftModel teacher), else a fresh online module; frozen, `teacher_adapter` if any."""
+        if not self.online:
+            return args.teacher_adapter
+        from peft import PeftModel
+
+        if args.teacher_adapter is None and teacher_peft_config is None and isinstance(teacher_model, PeftModel):
+            return None
+        return args.teacher_adapter or teacher_peft_config or self._online_module_config(args)
+
+    def _set_up_teacher_training(self) -> None:
+        """The online module's optimizer (built with the student's) and the callback that steps it."""
         if self.online and self.accelerator.num_processes > 1:
             # What DDP does for the student: start every process from process 0's adapter (a fresh LoRA module is
             # drawn from each process's own random state, which need not agree).
@@ -317,7 +284,7 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
         self.teacher_lr_scheduler = None
         if self.online:
             self.add_callback(_TeacherOptimizerStep(self))
-        self._forward_redirection = _ForwardRedirection()
+        self._forward_redirection = ForwardRedirection()
 
     @staticmethod
     def _dataset_formats(args: OKDConfig, kwargs: dict) -> tuple[tuple[str, ...], ...] | None:
@@ -557,13 +524,14 @@ class OKDTrainer(DistillTrainerMixin, SFTTrainer):
     def _extra_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(f"teacher {name}", p) for name, p in self.teacher_parameters]
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def _save_extra_state(self, output_dir: str) -> None:
+        super()._save_extra_state(output_dir)
         if self.online and self.args.should_save:
             torch.save(self.teacher_optimizer.state_dict(), os.path.join(output_dir, TEACHER_OPTIMIZER_NAME))
             torch.save(self.teacher_lr_scheduler.state_dict(), os.path.join(output_dir, TEACHER_SCHEDULER_NAME))
 
     def _load_extra_state(self, checkpoint: str) -> None:
+        super()._load_extra_state(checkpoint)
         if not self.online:
             return
         adapter_dir = os.path.join(checkpoint, TEACHER_ADAPTER_DIR)

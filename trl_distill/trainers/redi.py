@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.trainer import dpo_trainer as _trl_dpo_trainer
 
+from .._compat import init_dpo_without_reference
 from ._common import DistillArguments, DistillTrainerMixin
 from ._dpo import completion_token_logps
 from ..teacher import disable_cpu_4bit_packing
@@ -68,9 +67,10 @@ class REDIConfig(DistillArguments, DPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # Our own field first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.alpha < 0:
             raise ValueError(f"REDIConfig.alpha must be >= 0, got {self.alpha}.")
+        super().__post_init__()
         for name, default in UNUSED_DPO_FIELDS.items():
             if getattr(self, name) != default:
                 raise ValueError(
@@ -122,10 +122,7 @@ class REDITrainer(DistillTrainerMixin, DPOTrainer):
     }
 
     def __init__(self, model, ref_model=None, args: REDIConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("REDITrainer needs `args=REDIConfig(...)` (an output_dir at least).")
-        if not isinstance(args, REDIConfig):
-            raise TypeError(f"REDITrainer expects a REDIConfig, got {type(args).__name__}.")
+        self._require_config(args, REDIConfig)
         if ref_model is not None:
             raise ValueError("REDI is reference-free: do not pass `ref_model`.")
         validate_datasets(
@@ -135,18 +132,11 @@ class REDITrainer(DistillTrainerMixin, DPOTrainer):
             kwargs.get("eval_dataset"),
             formats=PREFERENCE_FORMATS,
         )
-        # DPOTrainer builds a reference copy of the policy unless it is PEFT or reference log-probs are precomputed.
-        # Take the precompute branch during __init__ so no copy is ever loaded; `_precompute_ref_logps` below is a
-        # no-op, and the hash TRL takes of the weights to cache precomputed log-probs is skipped (it would read every
-        # parameter once for nothing). The flag is restored right after, so evaluation is never treated as precomputed.
-        args.precompute_ref_log_probs = True
-        try:
-            with mock.patch.object(_trl_dpo_trainer, "hash_module", lambda module: None):
-                super().__init__(model, ref_model=None, args=args, **kwargs)
-        finally:
-            args.precompute_ref_log_probs = False
+        # No reference model is loaded or copied (TRL has no public switch for that: the one private hook of this
+        # package that is more than a name, see `_compat.init_dpo_without_reference`).
+        init_dpo_without_reference(self, lambda: super(REDITrainer, self).__init__(model, ref_model=None, args=args,
+                                                                                  **kwargs), args)
         disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
-        self.precompute_ref_logps = False
         if self.ref_model is not None:
             # Under FSDP, TRL loads the reference to precompute with it even on this branch: free it.
             self.ref_model = None
