@@ -58,7 +58,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helpers, also when imported
 
-from _common import PeakMemory, counting, mib, trainer_args  # noqa: E402
+from _common import PeakMemory, counting, launch_worker, mib, trainer_args  # noqa: E402
 
 from trl_distill.losses import LOSS_TYPES  # noqa: E402
 
@@ -92,6 +91,7 @@ SIZES = {
                   n_pref=2000, teacher_dpo_steps=100),
 }
 CURVE_KL, CURVE_VALID = 300, 200  # held-out samples / prompts of the curve points (the final point uses all)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}  # one torch thread per worker process
 
 
 def parse_args(argv=None):
@@ -473,17 +473,6 @@ def done_runs(path: Path) -> dict:
     return runs
 
 
-def launch(cli, argv, method, seed, lr) -> dict:
-    """One run in a fresh process (so one run's retained heap does not hide the next one's peak)."""
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", json.dumps([method, seed, lr])]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"})
-    if result.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} lr {lr:g} failed (exit {result.returncode}):\n"
-                           f"{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def prepare(cli, cfg) -> dict:
     """The teacher (trained and cached on first use) and its scores, so workers start from a warm cache."""
     import torch
@@ -524,7 +513,8 @@ def sweep(cli, argv) -> None:
             raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli, lr):g}: run 'sft' "
                                "at that lr")
         start = time.time()
-        row = run_one(cli, method, seed, lr) if cli.in_process else launch(cli, worker_argv, method, seed, lr)
+        row = (run_one(cli, method, seed, lr) if cli.in_process else
+               launch_worker(__file__, worker_argv, json.dumps([method, seed, lr]), env=WORKER_ENV))
         with runs_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done[(method, seed, lr)] = row
