@@ -201,8 +201,7 @@ def teacher_cache_path(cache_dir: str | os.PathLike | None = None, steps: int = 
 
     ``root`` is ``cache_dir``, else ``$TRL_DISTILL_CACHE``, else ``~/.cache/trl_distill``.
     """
-    root = cache_dir or os.environ.get("TRL_DISTILL_CACHE") or Path.home() / ".cache" / "trl_distill"
-    return Path(root) / f"addition_teacher_s{seed}_{steps}"
+    return _cache_root(cache_dir) / f"addition_teacher_s{seed}_{steps}"
 
 
 def pretrained_teacher(
@@ -232,10 +231,17 @@ def pretrained_teacher(
     return model.eval(), tokenizer
 
 
-def hmm_teacher_cache_path(config, steps: int, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where `pretrained_hmm_teacher` keeps a teacher: ``<root>/hmm_teacher_<task key>_{steps}``."""
-    root = cache_dir or os.environ.get("TRL_DISTILL_CACHE") or Path.home() / ".cache" / "trl_distill"
-    return Path(root) / f"hmm_teacher_{config.key()}_{steps}"
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir``, else ``$TRL_DISTILL_CACHE``, else ``~/.cache/trl_distill``."""
+    return Path(cache_dir or os.environ.get("TRL_DISTILL_CACHE") or Path.home() / ".cache" / "trl_distill")
+
+
+def hmm_teacher_cache_path(config, steps: int, cache_dir: str | os.PathLike | None = None, hidden_size: int = 128,
+                           num_layers: int = 4, batch_size: int = 32) -> Path:
+    """Where `pretrained_hmm_teacher` keeps a teacher: ``<root>/hmm_teacher_<task key>_{steps}``, with
+    ``_{layers}x{hidden}b{batch}`` appended for any shape other than the default 4x128, batch 32."""
+    shape = "" if (hidden_size, num_layers, batch_size) == (128, 4, 32) else f"_{num_layers}x{hidden_size}b{batch_size}"
+    return _cache_root(cache_dir) / f"hmm_teacher_{config.key()}_{steps}{shape}"
 
 
 def pretrained_hmm_teacher(
@@ -253,9 +259,7 @@ def pretrained_hmm_teacher(
 
     config = config or hmm_task.TaskConfig()
     tokenizer = hmm_task.make_tokenizer(config.n_words)
-    shape = "" if (hidden_size, num_layers, batch_size) == (128, 4, 32) else f"_{num_layers}x{hidden_size}b{batch_size}"
-    path = hmm_teacher_cache_path(config, steps, cache_dir)
-    path = path.with_name(path.name + shape)
+    path = hmm_teacher_cache_path(config, steps, cache_dir, hidden_size, num_layers, batch_size)
     if (path / "config.json").exists():
         return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
     prompts, completions = hmm_task.sample_pairs(config, steps * batch_size, "teacher")
