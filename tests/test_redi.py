@@ -62,7 +62,8 @@ def test_no_reference_model_and_one_forward_per_micro_batch(student, tokenizer, 
         student, tokenizer, problems, tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2
     )
     assert trainer.ref_model is None
-    assert not trainer.args.precompute_ref_log_probs and not trainer.precompute_ref_logps
+    # precompute_ref_log_probs=True is TRL's "no reference in memory"; the trainer then reads none
+    assert trainer.args.precompute_ref_log_probs and not trainer.precompute_ref_logps
     assert calls == []  # nothing ran at init: no precomputation of any kind
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     trainer.train()
@@ -75,6 +76,11 @@ def test_no_reference_model_and_one_forward_per_micro_batch(student, tokenizer, 
     )
     with pytest.raises(RuntimeError, match="reference-free"):
         trainer.compute_ref_log_probs(trainer.model, _fixed_batch(trainer))
+    # A new dataset evaluated after training (full fine-tuning): TRL refuses this when it would need a reference;
+    # REDI needs none, so it evaluates, still with policy forwards only.
+    calls.clear()
+    metrics = trainer.evaluate(addition.preference_dataset(problems[16:20]))
+    assert "eval_logps/margin" in metrics and len(calls) == 1
 
 
 def test_lora_policy_trains_adapter_only_without_disabling_it(student, tokenizer, problems, tmp_path):
@@ -98,8 +104,10 @@ def test_config_validation(tmp_path):
         REDIConfig(output_dir=str(tmp_path), alpha=-0.1, **cpu_args())
     with pytest.raises(ValueError, match="REDIConfig.loss_type"):
         REDIConfig(output_dir=str(tmp_path), loss_type="ipo", **cpu_args())
-    with pytest.raises(ValueError, match="REDIConfig.precompute_ref_log_probs"):
-        REDIConfig(output_dir=str(tmp_path), precompute_ref_log_probs=True, **cpu_args())
+    with pytest.raises(ValueError, match="REDIConfig.precompute_ref_log_probs=False would make TRL load a reference"):
+        REDIConfig(output_dir=str(tmp_path), precompute_ref_log_probs=False, **cpu_args())
+    with pytest.raises(ValueError, match="REDIConfig.sync_ref_model"):
+        REDIConfig(output_dir=str(tmp_path), sync_ref_model=True, **cpu_args())
 
 
 def test_ref_model_rejected(student, teacher, tokenizer, problems, tmp_path):

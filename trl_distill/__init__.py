@@ -11,19 +11,27 @@ from importlib import metadata
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from . import losses  # noqa: E402
-from .trainers.adpo import ADPOConfig, ADPOTrainer  # noqa: E402
-from .trainers.distill_dpo import DistillDPOConfig, DistillDPOTrainer  # noqa: E402
-from .trainers.okd import OKDConfig, OKDTrainer  # noqa: E402
-from .trainers.redi import REDIConfig, REDITrainer  # noqa: E402
 
 try:
     __version__ = metadata.version("trl-distill")
 except metadata.PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-# GKDVariant extends `trl.experimental.gkd`, whose import warns that experimental APIs may change: imported on first
-# use only, so users of the other trainers never see that warning.
-_LAZY = {"GKDVariant": ".trainers.gkd", "GKDVariantConfig": ".trainers.gkd"}
+# The trainers are imported on first use: `import trl_distill` (and so the `trl-distill` command, the task modules and
+# every subprocess that needs only those) stays quick, and GKDVariant's `trl.experimental.gkd`, whose import warns
+# that experimental APIs may change, is never imported for users of the other trainers.
+_LAZY = {
+    "ADPOConfig": ".trainers.adpo",
+    "ADPOTrainer": ".trainers.adpo",
+    "DistillDPOConfig": ".trainers.distill_dpo",
+    "DistillDPOTrainer": ".trainers.distill_dpo",
+    "GKDVariant": ".trainers.gkd",
+    "GKDVariantConfig": ".trainers.gkd",
+    "OKDConfig": ".trainers.okd",
+    "OKDTrainer": ".trainers.okd",
+    "REDIConfig": ".trainers.redi",
+    "REDITrainer": ".trainers.redi",
+}
 
 
 def __getattr__(name: str):

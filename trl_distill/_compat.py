@@ -10,8 +10,6 @@ Where TRL has a public equivalent, the package uses it; what remains has none:
   reads weights directly (the chunked losses);
 - `_tokenize`: TRL's chat-template-aware tokenization of one prompt or conversation (ADPO's listwise rows);
 - `_convert_weight_packed_for_cpu_inverse`: bitsandbytes' inverse of its packed CPU weight format;
-- `dpo_trainer.hash_module` and `precompute_ref_log_probs` at `DPOTrainer.__init__`: the only way to build a
-  `DPOTrainer` that loads no reference model (REDI is reference-free), see `init_dpo_without_reference`;
 - `DPOTrainer._prepare_dataset`: TRL's own DPO tokenization, which the offline teacher (`teacher-topk`) must reproduce
   token for token outside a trainer, see `tokenize_preference_dataset`.
 
@@ -24,14 +22,13 @@ there), and resolved here by the same test.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Any
 
 from trl.data_utils import _tokenize as tokenize
 from trl.models.utils import _ForwardRedirection as ForwardRedirection
 
-__all__ = ["PRIVATE_NAMES", "ForwardRedirection", "convert_weight_packed_for_cpu_inverse", "init_dpo_without_reference",
-           "resolve", "tokenize", "tokenize_preference_dataset"]
+__all__ = ["PRIVATE_NAMES", "ForwardRedirection", "convert_weight_packed_for_cpu_inverse", "resolve", "tokenize",
+           "tokenize_preference_dataset"]
 
 # Dotted paths: a module, then attributes. Methods are those we override (a rename would silently skip our code) or
 # call; attributes are read on trainer instances, so they are listed as `Class.__init__` sets them (checked by name
@@ -40,7 +37,6 @@ PRIVATE_NAMES = (
     # functions called
     "trl.models.utils._ForwardRedirection",
     "trl.data_utils._tokenize",
-    "trl.trainer.dpo_trainer.hash_module",
     "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse",
     # transformers.Trainer methods overridden (DistillTrainerMixin, TeacherTrainerMixin) or called
     "transformers.Trainer._save",
@@ -56,8 +52,9 @@ PRIVATE_NAMES = (
     "trl.DPOTrainer._prepare_dataset",
     "trl.DPOTrainer._precompute_ref_logps",
     "trl.experimental.gkd.GKDTrainer.generate_on_policy_outputs",
-    # instance attributes read (set in these classes' __init__)
+    # instance attributes read or set (set in these classes' __init__)
     "trl.DPOTrainer.__init__:self._tokenizer",
+    "trl.DPOTrainer.__init__:self.precompute_ref_logps",
     "trl.DPOTrainer.__init__:self._metrics",
     "trl.SFTTrainer.__init__:self._metrics",
     "trl.SFTTrainer.__init__:self._total_train_tokens",
@@ -115,27 +112,6 @@ def convert_weight_packed_for_cpu_inverse(data, quant_state):
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     return _convert_weight_packed_for_cpu_inverse(data, quant_state)
-
-
-def init_dpo_without_reference(trainer, init: Callable[[], None], args) -> None:
-    """Run `init` (a `DPOTrainer.__init__` call) so that it neither loads nor copies a reference model.
-
-    `DPOTrainer` builds a reference copy of the policy unless it is PEFT or `precompute_ref_log_probs` is set; it has
-    no public switch for a reference-free loss. So the precompute branch is taken during `init` only, TRL's hash of
-    the weights for its precompute cache is skipped (it would read every parameter once for nothing), and both are
-    restored right after, so evaluation is never treated as precomputed and `args` reads as the user set it.
-    The trainer must override `_precompute_ref_logps` (nothing to precompute)."""
-    from trl.trainer import dpo_trainer
-
-    hash_module = dpo_trainer.hash_module
-    args.precompute_ref_log_probs = True
-    dpo_trainer.hash_module = lambda module: None
-    try:
-        init()
-    finally:
-        dpo_trainer.hash_module = hash_module
-        args.precompute_ref_log_probs = False
-    trainer.precompute_ref_logps = False
 
 
 def tokenize_preference_dataset(tokenizer, dataset, dataset_name: str):

@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from .task_tokenizer import word_level_tokenizer
 
 PAD, UNK, SYSTEM, USER, ASSISTANT, END = "<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, SYSTEM, USER, ASSISTANT, END)
@@ -59,23 +61,9 @@ def make_tokenizer(model_max_length: int = 64) -> PreTrainedTokenizerFast:
     is no BOS, so nothing is prepended on encoding. The `Fuse` decoder joins characters without spaces. Pads on the
     right (training); pass ``padding_side="left"`` when batching prompts for generation.
     """
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    # Every character is its own pre-token; WordLevel then maps each one to an id.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        unk_token=UNK,
-        eos_token=END,
-        padding_side="right",
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    every_character = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # each one is a token
+    return word_level_tokenizer(SPECIAL_TOKENS, CHARACTERS, every_character, CHAT_TEMPLATE, pad=PAD, unk=UNK, end=END,
+                                model_max_length=model_max_length, decoder=decoders.Fuse())
 
 
 def answer(a: int, b: int) -> str:

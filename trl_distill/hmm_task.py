@@ -35,8 +35,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from datasets import Dataset
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from .task_tokenizer import word_level_tokenizer
 
 PAD, UNK, USER, ASSISTANT, END = "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, USER, ASSISTANT, END)
@@ -59,21 +61,8 @@ def make_tokenizer(n_words: int, model_max_length: int = 1 << 16) -> PreTrainedT
     Words are whitespace separated, one token each, nothing is prepended; ``<|end|>`` is the EOS. Pads on the right
     (training); pass ``padding_side="left"`` when batching prompts for generation.
     """
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *(f"w{i}" for i in range(n_words))))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        unk_token=UNK,
-        eos_token=END,
-        padding_side="right",
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return word_level_tokenizer(SPECIAL_TOKENS, [f"w{i}" for i in range(n_words)], pre_tokenizers.WhitespaceSplit(),
+                                CHAT_TEMPLATE, pad=PAD, unk=UNK, end=END, model_max_length=model_max_length)
 
 
 WORD_OFFSET = len(SPECIAL_TOKENS)  # token id of word 0

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -124,21 +125,16 @@ def train_sft(
     tokenizer: PreTrainedTokenizerFast,
     problems: Sequence[tuple[int, int]],
     steps: int,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    seed: int = 0,
-    log_every: int | None = None,
-    warmup_steps: int = 50,
-    weight_decay: float = 0.01,
+    **training: Any,
 ) -> list[float]:
     """Supervised training on the addition completions (answer and ``<|end|>``) only; returns every step's loss.
 
-    The problems are rendered with the tokenizer's chat template and trained with `train_on_tensors`.
+    The problems are rendered with the tokenizer's chat template and trained with `train_on_tensors`, which takes
+    the remaining options (``batch_size``, ``lr``, ``seed``, ``log_every``, ``warmup_steps``, ``weight_decay``).
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, labels = (t.to(device) for t in _encode_problems(tokenizer, problems))
-    return train_on_tensors(model, input_ids, attention_mask, labels, steps, batch_size=batch_size, lr=lr, seed=seed,
-                            log_every=log_every, warmup_steps=warmup_steps, weight_decay=weight_decay)
+    return train_on_tensors(model, input_ids, attention_mask, labels, steps, **training)
 
 
 def train_on_tensors(

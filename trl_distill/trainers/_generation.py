@@ -177,6 +177,13 @@ def hf_generation_kwargs(args, max_new_tokens: int, pad_token_id: int | None, eo
     return kwargs
 
 
+# `VLLMGeneration` arguments taken from TRL's config fields of the same name, with a `vllm_` prefix for these.
+VLLM_FIELDS = ("mode", "structured_outputs_regex", "server_base_url", "server_host", "server_port", "group_port",
+               "server_timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_length",
+               "enable_sleep_mode", "model_impl")
+SAMPLING_FIELDS = ("repetition_penalty", "temperature", "top_p", "top_k", "min_p", "generation_kwargs")
+
+
 def make_vllm_generation(trainer, max_completion_length: int):
     """TRL's `VLLMGeneration` for `trainer`'s student, configured from its args as `DistillationTrainer` does."""
     from trl.import_utils import is_vllm_available
@@ -193,29 +200,13 @@ def make_vllm_generation(trainer, max_completion_length: int):
         model=trainer.model,
         accelerator=trainer.accelerator,
         processing_class=trainer.processing_class,
-        mode=args.vllm_mode,
-        structured_outputs_regex=args.vllm_structured_outputs_regex,
-        server_base_url=args.vllm_server_base_url,
-        server_host=args.vllm_server_host,
-        server_port=args.vllm_server_port,
-        group_port=args.vllm_group_port,
-        server_timeout=args.vllm_server_timeout,
-        tensor_parallel_size=args.vllm_tensor_parallel_size,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        max_model_length=args.vllm_max_model_length,
+        **{name: getattr(args, f"vllm_{name}") for name in VLLM_FIELDS},
+        **{name: getattr(args, name) for name in SAMPLING_FIELDS},
         max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size
         * args.gradient_accumulation_steps,
-        enable_sleep_mode=args.vllm_enable_sleep_mode,
-        model_impl=args.vllm_model_impl,
         trust_remote_code=getattr(args, "trust_remote_code", False),
-        repetition_penalty=args.repetition_penalty,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
         max_completion_length=max_completion_length,
         logprobs=None,  # the loss uses the teacher's distribution, not the sampled log-probs
-        generation_kwargs=args.generation_kwargs,
     )
 
 

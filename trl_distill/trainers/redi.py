@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from .._compat import init_dpo_without_reference
 from ._common import DistillArguments, DistillTrainerMixin
 from ._dpo import completion_token_logps
 from ..teacher import disable_cpu_4bit_packing
@@ -40,7 +39,6 @@ UNUSED_DPO_FIELDS = {
     "label_smoothing": 0.0,
     "use_weighting": False,
     "sync_ref_model": False,
-    "precompute_ref_log_probs": False,
 }
 
 
@@ -49,7 +47,9 @@ class REDIConfig(DistillArguments, DPOConfig):
     r"""
     Configuration for [`REDITrainer`] ([REDI](https://huggingface.co/papers/2505.24850)). Every field of TRL's
     `DPOConfig` keeps its meaning, except those of the reference model and of the DPO loss (`beta`, `loss_type`,
-    `precompute_ref_log_probs`, `sync_ref_model`, ...), which a reference-free loss does not use.
+    `sync_ref_model`, ...), which a reference-free loss does not use: setting one is an error.
+    `precompute_ref_log_probs` is always `True`, TRL's switch for keeping no reference model in memory (REDI has none;
+    nothing is precomputed).
 
     The authors' stage-2 settings (the documented GPU recipe): AdamW, `learning_rate=1e-6`, `weight_decay=1e-4`,
     `warmup_steps=0.1` (10% of the steps) then linear decay, batch size 32, one epoch, `alpha=0.8`.
@@ -65,11 +65,22 @@ class REDIConfig(DistillArguments, DPOConfig):
     alpha: float = field(
         default=0.8, metadata={"help": "Weight of the rejected trace's normalized log-likelihood (0 = SFT on chosen)."}
     )
+    # TRL's public switch for "keep no reference model in memory" (see `DPOConfig`): REDI has no reference at all, so
+    # it is always on, and `REDITrainer` precomputes nothing under it.
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Always True for REDI: no reference model is loaded (nothing is precomputed either)."},
+    )
 
     def __post_init__(self):
         # Our own field first: the parents' checks (e.g. bf16 on a CPU machine) must not hide a wrong one of ours.
         if self.alpha < 0:
             raise ValueError(f"REDIConfig.alpha must be >= 0, got {self.alpha}.")
+        if not self.precompute_ref_log_probs:
+            raise ValueError(
+                "REDIConfig.precompute_ref_log_probs=False would make TRL load a reference model, which REDI does not "
+                "have: leave it True (its default; REDI precomputes nothing)."
+            )
         super().__post_init__()
         for name, default in UNUSED_DPO_FIELDS.items():
             if getattr(self, name) != default:
@@ -132,17 +143,19 @@ class REDITrainer(DistillTrainerMixin, DPOTrainer):
             kwargs.get("eval_dataset"),
             formats=PREFERENCE_FORMATS,
         )
-        # No reference model is loaded or copied (TRL has no public switch for that: the one private hook of this
-        # package that is more than a name, see `_compat.init_dpo_without_reference`).
-        init_dpo_without_reference(self, lambda: super(REDITrainer, self).__init__(model, ref_model=None, args=args,
-                                                                                  **kwargs), args)
+        # `precompute_ref_log_probs=True` (REDIConfig's fixed value) is how TRL is told to load no reference model;
+        # `_precompute_ref_logps` below then adds nothing to the data.
+        super().__init__(model, ref_model=None, args=args, **kwargs)
+        # Nothing was precomputed and nothing is ever read: so TRL's `evaluate()` on a new dataset after training
+        # neither precomputes nor refuses (its check for a reference that full fine-tuning no longer has).
+        self.precompute_ref_logps = False
         disable_cpu_4bit_packing(self.model)  # a QLoRA policy on CPU would lose its gradients after no-grad passes
         if self.ref_model is not None:
             # Under FSDP, TRL loads the reference to precompute with it even on this branch: free it.
             self.ref_model = None
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        return dataset  # no reference, nothing to precompute
+        return dataset  # no reference, nothing to precompute (TRL calls this at init under precompute_ref_log_probs)
 
     def compute_ref_log_probs(self, model, inputs):
         raise RuntimeError("REDI is reference-free: no reference log-probs are computed.")
