@@ -15,7 +15,7 @@ The task (`trl_distill.hmm_task`): a random sparse HMM over 64 words; a prompt i
 
 Set-up, the same for every method (nothing is tuned per method):
 
-* teacher: 4 layers x 128 (1.07M parameters), trained once on 128,000 fresh samples of p* and cached
+* teacher: 4 layers x 128 (1.07M parameters), trained once on 64,000 fresh samples of p* and cached
   (`trl_distill.testing.pretrained_hmm_teacher`); its KL to p* and validity are printed with every table;
 * student: 2 layers x 48 (about 80k parameters, 13x smaller), fresh from the seed; 2,000 (prompt, one sampled
   completion) training pairs drawn from the seed (a limited set, where soft targets have something to add);

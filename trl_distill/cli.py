@@ -189,8 +189,10 @@ def ignore_bool_buffers_in_ddp(model) -> list[str]:
     masks kept as buffers) out of its broadcast, which fails on them (transformers#22482)."""
     import torch
 
+    from ._compat import ignore_in_ddp
+
     names = [name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool]
-    model._ddp_params_and_buffers_to_ignore = names
+    ignore_in_ddp(model, names)
     return names
 
 

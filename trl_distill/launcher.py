@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+from ._compat import option_strings
+
 # Set in the processes `accelerate launch` starts for us, so that they train instead of launching again.
 LAUNCHED_ENV = "TRL_DISTILL_LAUNCHED"
 
@@ -47,7 +49,7 @@ def launch(
 
     launch_args = resolve_accelerate_config_argument(list(launch_args))
     parser = (launch_parser_fn or launch_command_parser)()
-    known = {option for action in parser._actions for option in action.option_strings}
+    known = option_strings(parser)
     unknown = [arg.split("=")[0] for arg in launch_args if arg.startswith("--") and arg.split("=")[0] not in known]
     if unknown:
         # accelerate would refuse them too (as with `trl`), with a message that does not say where they came from

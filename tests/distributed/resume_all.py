@@ -2,8 +2,9 @@
 
     accelerate launch ... resume_all.py OUT_DIR PHASE NAME [NAME ...]
 
-PHASE is `straight` (4 optimizer steps), `first` (the same 4-step run, stopped by a callback after step 2; a
-checkpoint every step) or `resumed` (`first`'s output_dir trained on to step 4 with `resume_from_checkpoint=True`). Each writes the trainable
+PHASE is `straight` (4 optimizer steps, a checkpoint every step) or `resumed` (trained on to step 4, with
+`resume_from_checkpoint=True`, from a folder that holds only `straight`'s checkpoint at step 2: the caller copies it
+there, as a run interrupted after step 2 would have left it). Each writes the trainable
 parameters, whole (ZeRO-3 shards gathered), to OUT_DIR/NAME.PHASE.pt on process 0, and the logged losses to
 NAME.PHASE.json. AdamW with a schedule, so the optimizer and scheduler states have to come back too, and the
 trainers' own state: OKD's teacher adapter with its optimizer and scheduler, ADPO's full-model EMA anchor. Under
@@ -17,32 +18,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transformers import TrainerCallback  # noqa: E402
 from train_all import build, trainable  # noqa: E402
-
-
-class StopAfter(TrainerCallback):
-    """Ends training after `step` optimizer steps, as an interruption would, leaving the schedule of the full run."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def main() -> None:
     out_dir, phase, names = sys.argv[1], sys.argv[2], sys.argv[3:]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     for name in names:
-        run_dir = os.path.join(out_dir, "straight" if phase == "straight" else "split")
+        run_dir = os.path.join(out_dir, phase)
         trainer = build(
             name, run_dir, 8, 8 // world_size, max_steps=4, save_strategy="steps", save_steps=1,
             optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear",
         )
-        if phase == "first":
-            trainer.add_callback(StopAfter(2))
         trainer.train(resume_from_checkpoint=True if phase == "resumed" else None)
         params = trainable(trainer)
         if trainer.accelerator.is_main_process:

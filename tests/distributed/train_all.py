@@ -26,6 +26,10 @@ The set-up makes N processes equal one process up to float rounding, so any larg
   teacher adapter) must not depend on it.
 
 `okd_4bit` is OKD with `teacher_quantization="4bit"` on an in-memory teacher: every process makes its own nf4 copy.
+`gkd_padded_head` is `gkd` with the teacher's head padded by 13 rows that carry ~0 mass (as real checkpoints pad):
+the first-batch check of the mass beyond the student's vocabulary runs (on the whole head, gathered under ZeRO-3)
+and passes. `gkd_foreign_head`'s teacher has 13 extra rows of real mass (tokens the student's tokenizer lacks): the
+check must stop training on every process, before the first step; its result file holds the error (`refused`).
 `adpo_ema` is ADPO with `anchor="ema"` and no PEFT: the anchor is a second, full model updated after every step.
 """
 
@@ -53,10 +57,11 @@ from trl_distill import (  # noqa: E402
     REDITrainer,
 )
 from trl_distill import addition  # noqa: E402
-from trl_distill.testing import tiny_causal_lm  # noqa: E402
+from trl_distill.testing import pad_output_head, tiny_causal_lm  # noqa: E402
 from trl_distill.trainers._common import gathered_parameters  # noqa: E402
 
-TRAINERS = ("gkd", "okd", "okd_4bit", "distill_dpo", "adpo", "adpo_ema", "redi")
+TRAINERS = ("gkd", "gkd_padded_head", "okd", "okd_4bit", "distill_dpo", "adpo", "adpo_ema", "redi")
+REFUSED = ("gkd_foreign_head",)  # training must stop with an error, on every process (last: the run ends there)
 
 
 def uneven_problems(n: int) -> list[tuple[int, int]]:
@@ -95,7 +100,12 @@ def build(name: str, out_dir: str, global_batch: int, per_device: int, **overrid
     student = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=2)
     teacher = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1)
     args = {**common_args(name, out_dir, per_device), **overrides}
-    if name == "gkd":
+    if name in ("gkd", "gkd_padded_head", "gkd_foreign_head"):
+        if name == "gkd_padded_head":  # padding rows at logit -30: ~1e-13 of the mass each
+            teacher = pad_output_head(teacher, len(tokenizer) + 13)
+        if name == "gkd_foreign_head":  # a random head: the 13 extra rows get as much mass as any token
+            teacher = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1,
+                                     padded_vocab=len(tokenizer) + 13)
         return GKDVariant(
             model=student,
             teacher_model=teacher,
@@ -147,7 +157,7 @@ def build(name: str, out_dir: str, global_batch: int, per_device: int, **overrid
             train_dataset=addition.preference_dataset(uneven_problems(global_batch)),
             processing_class=tokenizer,
         )
-    raise ValueError(f"unknown trainer {name!r}; one of {TRAINERS}")
+    raise ValueError(f"unknown trainer {name!r}; one of {TRAINERS + REFUSED}")
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
@@ -161,7 +171,7 @@ def trainable(trainer) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     out_dir, global_batch = sys.argv[1], int(sys.argv[2])
-    names = sys.argv[3:] or TRAINERS
+    names = sys.argv[3:] or TRAINERS + REFUSED
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
@@ -170,6 +180,15 @@ def main() -> None:
         trainer = build(name, out_dir, global_batch, global_batch // world_size)
         state = trainer.accelerator.state
         before = trainable(trainer)
+        if name in REFUSED:
+            try:
+                trainer.train()
+            except ValueError as error:
+                with open(os.path.join(out_dir, f"{name}.rank{state.process_index}.json"), "w") as f:
+                    json.dump({"refused": str(error), "global_step": trainer.state.global_step,
+                               "process_index": state.process_index}, f)
+                return  # the last name: a trainer stopped mid-`train()` is not reused
+            raise AssertionError(f"{name}: training was not refused")
         trainer.train()
         after = trainable(trainer)
         teacher = getattr(trainer, "teacher_model", None) or getattr(trainer, "ref_model", None)
