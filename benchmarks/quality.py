@@ -1,6 +1,6 @@
 """Which method gives the better student? Every trainer on a task whose true distribution is known (SPEC section 10).
 
-    python benchmarks/quality.py                          # the default run (size "small", 5 seeds, core methods)
+    python benchmarks/quality.py                          # the default run (size "small", 5 seeds, 9 core methods)
     python benchmarks/quality.py --methods all            # every method of the table (hours on 2 CPU cores)
     python benchmarks/quality.py --methods gkd_forward_kl_l0 sft --seeds 0 1 2 3 4
     python benchmarks/quality.py --merge                  # tables, JSON and plots from the runs done so far
@@ -20,8 +20,11 @@ Set-up, the same for every method (nothing is tuned per method):
 * student: 2 layers x 48 (about 80k parameters, 13x smaller), fresh from the seed; 2,000 (prompt, one sampled
   completion) training pairs drawn from the seed (a limited set, where soft targets have something to add);
 * every method: the same optimizer steps and batch of prompts, AdamW, cosine schedule with 5% warm-up, clipping
-  at 1, fp32, each learning rate of one grid shared by all methods (``--learning-rates``; the tables report every
-  grid point and the summary picks, per method, the grid point with the lower mean KL, as stated beside it);
+  at 1, fp32. Learning rates come from two grids, the same for every method of a group: ``--learning-rates`` for
+  training from a fresh student (default 3e-3) and ``--continued-learning-rates`` for continuing from the seed's
+  SFT student (default 3e-4: the preference methods, and every method under ``--student-start sft``; the SFT
+  student is the ``sft`` run at ``--sft-start-lr``, default 3e-3). The tables report every grid point run and the
+  summary picks, per method, the point with the lower mean KL, as stated beside it;
 * on-policy sampling (GKD ``lmbda > 0``, TRL's GKD and DistillationTrainer) at temperature 1 with room for the
   32 words and the end token.
 
@@ -76,18 +79,22 @@ DISTILL_METHODS = ("sft", "seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", 
 PREFERENCE_METHODS = ("dpo", "ddpo_teacher_ref", "ddpo_dckd", "ddpo_adpa", "adpo_fixed", "adpo_ema", "redi",
                       "sft_pos")
 ALL_METHODS = DISTILL_METHODS + PREFERENCE_METHODS
-CORE_METHODS = ("sft", "seqkd", "gkd_forward_kl_l0", "gkd_forward_kl_l1", "gkd_jsd_l0.5", "gkd_reverse_kl_l1",
-                "trl_gkd", "okd_a0.1", "dpo", "ddpo_dckd", "adpo_fixed", "redi", "sft_pos")
+# The default run: the headline comparisons (KD against SFT, on- against off-policy, OKD, every preference trainer
+# against DPO and REDI's baseline), 5 seeds each, sized for about 30 minutes on 2 idle CPU cores.
+CORE_METHODS = ("sft", "gkd_forward_kl_l0", "gkd_forward_kl_l1", "okd_a0.1", "dpo", "ddpo_dckd", "adpo_fixed", "redi",
+                "sft_pos")
 TEACHER_METHODS = ("seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", *OKD_METHODS, "ddpo_teacher_ref",
                    "ddpo_dckd", "ddpo_adpa")
 
 SIZES = {
     # smoke test: seconds per run, meaningless numbers
     "quick": dict(student="1x16", teacher="1x32", teacher_steps=20, steps=3, batch_size=4, n_train=32, n_kl=32,
-                  n_valid=16, eval_every=3, seeds=(0,), learning_rates=(3e-3,), n_pref=16, teacher_dpo_steps=2),
+                  n_valid=16, eval_every=3, seeds=(0,), learning_rates=(3e-3,), continued_learning_rates=(3e-3,),
+                  sft_start_lr=3e-3, n_pref=16, teacher_dpo_steps=2),
     # the recorded CPU run (docs/benchmarks.md)
     "small": dict(student="2x48", teacher="4x128", teacher_steps=2000, steps=300, batch_size=32, n_train=2000,
-                  n_kl=1000, n_valid=500, eval_every=100, seeds=(0, 1, 2, 3, 4), learning_rates=(1e-3, 3e-3),
+                  n_kl=1000, n_valid=500, eval_every=100, seeds=(0, 1, 2, 3, 4), learning_rates=(3e-3,),
+                  continued_learning_rates=(3e-4,), sft_start_lr=3e-3,
                   n_pref=2000, teacher_dpo_steps=100),
 }
 CURVE_KL, CURVE_VALID = 300, 200  # held-out samples / prompts of the curve points (the final point uses all)
@@ -101,15 +108,18 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=["core"],
                         help="method names, 'core' (default), 'all', 'distill' or 'preference'")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=None)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=None,
+                        help="the grid of the methods that start from a fresh student (default: the size's)")
+    parser.add_argument("--continued-learning-rates", type=float, nargs="+", default=None,
+                        help="the grid of the methods that continue from the SFT student: the preference methods, and "
+                             "every method under --student-start sft (default: the size's)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--student-start", default="fresh", choices=["fresh", "sft"],
                         help="where the distillation methods start: a fresh student (default) or the seed's sft run "
                              "at --sft-start-lr from --sft-dir (as GKD's paper starts from a supervised student)")
     parser.add_argument("--sft-dir", default=None, help="the output dir holding the sft runs (default: --output-dir)")
     parser.add_argument("--sft-start-lr", type=float, default=None,
-                        help="the preference methods start from the sft run at this learning rate (default: their "
-                             "own learning rate)")
+                        help="continued methods start from the sft run at this learning rate (default: the size's)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes at a time (one torch thread each)")
     parser.add_argument("--output-dir", default=None, help="default outputs/quality_<size>")
     parser.add_argument("--plot-dir", default=None, help="where the PNGs go (default: docs/ for size small)")
@@ -138,6 +148,8 @@ def config_of(cli) -> dict:
     cfg = dict(SIZES[cli.size])
     cfg["seeds"] = tuple(cli.seeds) if cli.seeds is not None else cfg["seeds"]
     cfg["learning_rates"] = tuple(cli.learning_rates) if cli.learning_rates else cfg["learning_rates"]
+    if cli.continued_learning_rates:
+        cfg["continued_learning_rates"] = tuple(cli.continued_learning_rates)
     cfg["steps"] = cli.steps or cfg["steps"]
     cfg["eval_every"] = min(cfg["eval_every"], cfg["steps"])
     return cfg
@@ -383,8 +395,16 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
 
 
 def start_lr_of(cli, lr: float) -> float:
-    """The learning rate of the sft run a preference method at ``lr`` starts from."""
-    return cli.sft_start_lr if cli.sft_start_lr is not None else lr
+    """The learning rate of the sft run a continued method (at ``lr``) starts from."""
+    return cli.sft_start_lr if cli.sft_start_lr is not None else SIZES[cli.size]["sft_start_lr"]
+
+
+def continues_from_sft(cli, method: str) -> bool:
+    return method != "sft" and (method in PREFERENCE_METHODS or cli.student_start == "sft")
+
+
+def learning_rates_of(cli, cfg, method: str) -> tuple[float, ...]:
+    return cfg["continued_learning_rates"] if continues_from_sft(cli, method) else cfg["learning_rates"]
 
 
 def sft_start_path(cli, seed: int, lr: float) -> Path:
@@ -496,7 +516,7 @@ def sweep(cli, argv) -> None:
     runs_path = out / "runs.jsonl"
     done = done_runs(runs_path)
     # Method by method, so that a sweep stopped early leaves whole rows (every seed) rather than partial ones.
-    todo = [(m, s, lr) for m in cli.methods for lr in cfg["learning_rates"] for s in cfg["seeds"]
+    todo = [(m, s, lr) for m in cli.methods for lr in learning_rates_of(cli, cfg, m) for s in cfg["seeds"]
             if (m, s, lr) not in done]
     # SFT first: the preference methods start from its student.
     first = [r for r in todo if r[0] == "sft"]
@@ -508,8 +528,7 @@ def sweep(cli, argv) -> None:
         method, seed, lr = run
         if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
             return
-        starts_from_sft = method in PREFERENCE_METHODS or (cli.student_start == "sft" and method != "sft")
-        if starts_from_sft and not (sft_start_path(cli, seed, lr) / "config.json").exists():
+        if continues_from_sft(cli, method) and not (sft_start_path(cli, seed, lr) / "config.json").exists():
             raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli, lr):g}: run 'sft' "
                                "at that lr")
         start = time.time()
