@@ -79,8 +79,9 @@ DISTILL_METHODS = ("sft", "seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", 
 PREFERENCE_METHODS = ("dpo", "ddpo_teacher_ref", "ddpo_dckd", "ddpo_adpa", "adpo_fixed", "adpo_ema", "redi",
                       "sft_pos")
 ALL_METHODS = DISTILL_METHODS + PREFERENCE_METHODS
-# The default run: the headline comparisons (KD against SFT, on- against off-policy, OKD, every preference trainer
-# against DPO and REDI's baseline), 5 seeds each, sized for about 30 minutes on 2 idle CPU cores.
+# The default run: the headline comparisons (KD against SFT, on- against off-policy, OKD, the preference trainers
+# against DPO and REDI's baseline), 5 seeds each: 45 runs of 2-4 minutes each, two at a time, so about an hour on 2
+# CPU cores (docs/benchmarks.md gives the per-run times measured).
 CORE_METHODS = ("sft", "gkd_forward_kl_l0", "gkd_forward_kl_l1", "okd_a0.1", "dpo", "ddpo_dckd", "adpo_fixed", "redi",
                 "sft_pos")
 TEACHER_METHODS = ("seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", *OKD_METHODS, "ddpo_teacher_ref",

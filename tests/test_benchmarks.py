@@ -78,3 +78,18 @@ def test_quality_method_groups():
     assert quality.parse_args(["--methods", "preference"]).methods == list(quality.PREFERENCE_METHODS)
     with pytest.raises(SystemExit):
         quality.parse_args(["--methods", "nonsense"])
+
+
+def test_adpa_advantage_diagnostic_smoke(tmp_path):
+    # The diagnostic of ADPA's advantage (docs/benchmarks.md): at smoke size, every share is a fraction and the full
+    # top-k (the whole vocabulary) holds the impossible tokens that a top-1 can avoid.
+    import adpa_advantage
+
+    results = adpa_advantage.main(["--size", "quick", "--output-dir", str(tmp_path), "--n", "8", "--top-k", "69", "1"])
+    assert results["positions"] == 8 * 33 and results["vocabulary"] == 69
+    for k in (69, 1):
+        row = results[f"top_{k}"]
+        assert all(0.0 <= row[key] <= 1.0 for key in ("argmax_advantage_impossible", "top_k_impossible",
+                                                       "clamped_max_impossible", "reference_argmax_impossible"))
+    assert results["top_69"]["top_k_impossible"] > 0.5  # most of the vocabulary is impossible at any position
+    assert json.loads((tmp_path / "adpa_advantage.json").read_text()) == results
