@@ -1,4 +1,5 @@
-"""The benchmark scripts still run at smoke size: quality.py's whole pipeline, dpo_vs_trl's worker, okd_speed."""
+"""The benchmark scripts still run at smoke size: quality.py's whole pipeline and its two diagnostics, dpo_vs_trl's worker,
+okd_speed."""
 
 import json
 import math
@@ -93,3 +94,40 @@ def test_adpa_advantage_diagnostic_smoke(tmp_path):
                                                        "clamped_max_impossible", "reference_argmax_impossible"))
     assert results["top_69"]["top_k_impossible"] > 0.5  # most of the vocabulary is impossible at any position
     assert json.loads((tmp_path / "adpa_advantage.json").read_text()) == results
+
+
+def test_onpolicy_prefixes_counts_positions_after_the_first_impossible_move():
+    import onpolicy_prefixes
+    import torch
+
+    from trl_distill import hmm_task
+
+    config = hmm_task.TaskConfig()
+    lang = hmm_task.language(config)
+    prompts, completions = hmm_task.sample_pairs(config, 3, "eval")
+    end = torch.full((3, 1), hmm_task.END_ID)
+    tokens = torch.cat([completions + hmm_task.WORD_OFFSET, end], 1)  # samples of p*: valid, nothing after an error
+    assert onpolicy_prefixes.positions_after_first_error(config, prompts, tokens) == (3 * 33, 0, 0)
+    # Row 0: an impossible word at position 5 (27 loss positions follow it); row 1: the end token first (1 position).
+    probs = lang.next_word_probs(torch.cat([prompts, completions], 1))[0, prompts.shape[1] + 5]
+    tokens[0, 5] = int((probs == 0).nonzero()[0]) + hmm_task.WORD_OFFSET
+    tokens[1, 0] = hmm_task.END_ID
+    assert onpolicy_prefixes.positions_after_first_error(config, prompts, tokens) == (33 + 1 + 33, 27, 2)
+
+
+def test_onpolicy_prefixes_smoke(tmp_path):
+    import argparse
+
+    import onpolicy_prefixes
+    import quality
+
+    from trl_distill import hmm_task
+
+    tokenizer = hmm_task.make_tokenizer(quality.task().n_words)
+    student = quality.fresh_student(quality.SIZES["quick"], tokenizer, seed=0)  # stands for a trained SFT student
+    student.save_pretrained(quality.run_dir(argparse.Namespace(output_dir=str(tmp_path)), "sft", 0, 3e-3) / "final")
+    results = onpolicy_prefixes.main(["--size", "quick", "--output-dir", str(tmp_path), "--seeds", "0", "--n", "4"])
+    for start in ("sft", "fresh"):
+        assert 0.0 <= results[start]["after_first_error_mean"] <= 1.0
+    # the same weights in both rows, sampled with the same seed: the same share
+    assert results["sft"]["after_first_error_mean"] == results["fresh"]["after_first_error_mean"]
