@@ -680,8 +680,6 @@ PREDICTIONS = [
      + [(f"gkd_skew_kl_l{x}", f"gkd_skew_rkl_l{x}", "forward_kl") for x in ("0", "0.5", "1")]),
     ("4a. OKD at least as good as frozen-teacher KD (forward KL)",
      [(m, "gkd_forward_kl_l0", "forward_kl") for m in OKD_METHODS]),
-    ("4b. OKD cheaper per step than on-policy GKD",
-     [(m, "gkd_forward_kl_l1", "train_seconds") for m in OKD_METHODS]),
     ("5. every preference method raises validity over its SFT start",
      [(m, "sft", "validity") for m in PREFERENCE_METHODS]),
     ("6. REDI beats SFT on the positives alone", [("redi", "sft_pos", "validity")]),
@@ -692,6 +690,9 @@ PREDICTIONS = [
     ("9. our JSD (lmbda 0.5) and TRL's GKDTrainer agree (no difference expected)",
      [("gkd_jsd_l0.5", "trl_gkd", "forward_kl"), ("gkd_jsd_l0.5", "trl_gkd", "validity")]),
 ]
+# Prediction 4b (OKD cheaper per step than on-policy GKD) is not checked here: these runs' seconds depend on what else
+# shared the CPU when each ran (sweeps of different sessions), so it is measured side by side in one process by
+# benchmarks/okd_speed.py at this task's completion length and batch (docs/benchmarks.md).
 LOWER_IS_BETTER = {"forward_kl", "train_seconds"}
 
 
