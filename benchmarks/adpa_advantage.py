@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
 
     cfg = quality.SIZES[cli.size]
     teacher, tokenizer = quality.load_teacher(cfg)
-    aligned = quality.aligned_teacher(argparse.Namespace(output_dir=cli.output_dir), cfg, teacher, tokenizer)
+    aligned = quality.aligned_teacher(cli.output_dir, cfg, teacher, tokenizer)
     prompts, completions = hmm_task.sample_pairs(quality.task(), cli.n, "eval", seed=2)
     with torch.no_grad():
         log_aligned = hmm_task._completion_logits(aligned, prompts, completions, 100)
@@ -63,14 +63,15 @@ def main(argv=None) -> dict:
         advantage = log_aligned.gather(1, ids) - log_ref.gather(1, ids)
         best = ids.gather(1, advantage.argmax(1, keepdim=True)).squeeze(1)
         best_possible = possible.gather(1, best.unsqueeze(1)).squeeze(1)
+        top_k_possible = possible.gather(1, ids)
         clamped = advantage.clamp(0, 1)
         at_max = clamped == clamped.max(1, keepdim=True).values
         row = {
             "argmax_advantage_impossible": 1 - best_possible.double().mean().item(),
             "argmax_advantage_reference_prob_median": log_ref.gather(1, best.unsqueeze(1)).exp().median().item(),
             "argmax_advantage_median": advantage.max(1).values.median().item(),
-            "top_k_impossible": 1 - possible.gather(1, ids).double().mean().item(),
-            "clamped_max_impossible": 1 - (possible.gather(1, ids) & at_max).sum().item() / at_max.sum().item(),
+            "top_k_impossible": 1 - top_k_possible.double().mean().item(),
+            "clamped_max_impossible": 1 - (top_k_possible & at_max).sum().item() / at_max.sum().item(),
             "reference_argmax_impossible": 1 - possible.gather(1, log_ref.argmax(1, keepdim=True)).double().mean()
             .item(),
         }

@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         rows = []
         for seed in cli.seeds:
             if start == "sft":
-                path = quality.run_dir(argparse.Namespace(output_dir=cli.output_dir), "sft", seed, cli.sft_lr) / "final"
+                path = quality.run_dir(cli.output_dir, "sft", seed, cli.sft_lr) / "final"
                 model = LlamaForCausalLM.from_pretrained(path)
             else:
                 model = quality.fresh_student(cfg, tokenizer, seed)

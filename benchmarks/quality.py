@@ -224,8 +224,8 @@ def measure(model, cfg, seed: int, full: bool = True) -> dict:
     }
 
 
-def run_dir(cli, method: str, seed: int, lr: float) -> Path:
-    return Path(cli.output_dir) / "runs" / f"{method}_s{seed}_lr{lr:g}"
+def run_dir(output_dir: str, method: str, seed: int, lr: float) -> Path:
+    return Path(output_dir) / "runs" / f"{method}_s{seed}_lr{lr:g}"
 
 
 def teacher_samples(cfg, teacher, prompts, seed: int) -> list[str]:
@@ -281,7 +281,7 @@ def preference_data(cfg, model, seed: int, k: int = 4) -> dict:
             "chosen_from_data": from_data / max(1, len(pairs))}
 
 
-def aligned_teacher(cli, cfg, teacher, tokenizer):
+def aligned_teacher(output_dir: str, cfg, teacher, tokenizer):
     """The teacher plus a LoRA adapter trained with TRL's DPO to prefer samples of p* (chosen) over its own invalid
     samples at temperature 1.5 (rejected), cached under the output dir; adapter on = the aligned teacher, adapter
     off = its reference (ADPA, SPEC section 5)."""
@@ -292,7 +292,7 @@ def aligned_teacher(cli, cfg, teacher, tokenizer):
 
     from trl_distill import hmm_task
 
-    path = Path(cli.output_dir) / "aligned_teacher_adapter"
+    path = Path(output_dir) / "aligned_teacher_adapter"
     if (path / "adapter_config.json").exists():
         return PeftModel.from_pretrained(copy.deepcopy(teacher), path).eval()
     prompts, completions = hmm_task.sample_pairs(task(), cfg["n_pref"], "preference")
@@ -332,7 +332,7 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
     from trl_distill.trainers.okd import OKDConfig, OKDTrainer
     from trl_distill.trainers.redi import REDIConfig, REDITrainer
 
-    steps, out = cfg["steps"], str(run_dir(cli, method, seed, lr))
+    steps, out = cfg["steps"], str(run_dir(cli.output_dir, method, seed, lr))
     args = trainer_args(out, steps, cfg["batch_size"], lr, seed, lr_scheduler_type="cosine",
                         warmup_steps=max(1, int(0.05 * steps)), weight_decay=0.01, max_grad_norm=1.0,
                         logging_steps=max(1, steps // 30))
@@ -340,7 +340,7 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
     prompts, completions = train_pairs(cfg, seed)
 
     if method in DISTILL_METHODS:
-        student = fresh_student(cfg, tokenizer, seed) if cli.student_start == "fresh" else sft_start(cli, seed, lr)
+        student = fresh_student(cfg, tokenizer, seed) if cli.student_start == "fresh" else sft_start(cli, seed)
         if method in ("sft", "seqkd"):
             texts = teacher_samples(cfg, teacher, prompts, seed) if method == "seqkd" else completions
             data = hmm_task.sft_dataset(prompts, texts, format="prompt_completion")
@@ -367,10 +367,10 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
         return counting(GKDVariant, counts)(model=student, teacher_model=teacher, args=config, train_dataset=data,
                                             processing_class=tokenizer), student, {}
 
-    policy = sft_start(cli, seed, lr)
+    policy = sft_start(cli, seed)
     data = preference_data(cfg, policy, seed)
     facts = {key: data[key] for key in ("start_sample_validity", "n_pairs", "chosen_from_data")}
-    facts["start_lr"] = start_lr_of(cli, lr)
+    facts["start_lr"] = start_lr_of(cli)
     args = {**args, "max_length": 64}
     if method == "sft_pos":
         return counting(SFTTrainer, counts)(model=policy, args=SFTConfig(**args), train_dataset=data["positives"],
@@ -381,7 +381,7 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
                                             processing_class=tokenizer), policy, facts
     if method.startswith("ddpo_"):
         mode = method.removeprefix("ddpo_")
-        reference = aligned_teacher(cli, cfg, teacher, tokenizer) if mode == "adpa" else teacher
+        reference = aligned_teacher(cli.output_dir, cfg, teacher, tokenizer) if mode == "adpa" else teacher
         config = DistillDPOConfig(**args, beta=0.1, mode=mode, adpa_max_new_tokens=task().completion_length + 1)
         return counting(DistillDPOTrainer, counts)(model=policy, teacher_model=reference, args=config,
                                                    train_dataset=data["pairs"], processing_class=tokenizer), policy, facts
@@ -395,8 +395,8 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
     raise ValueError(f"unknown method {method!r}")
 
 
-def start_lr_of(cli, lr: float) -> float:
-    """The learning rate of the sft run a continued method (at ``lr``) starts from."""
+def start_lr_of(cli) -> float:
+    """The learning rate of the sft run the continued methods start from."""
     return cli.sft_start_lr if cli.sft_start_lr is not None else SIZES[cli.size]["sft_start_lr"]
 
 
@@ -408,16 +408,15 @@ def learning_rates_of(cli, cfg, method: str) -> tuple[float, ...]:
     return cfg["continued_learning_rates"] if continues_from_sft(cli, method) else cfg["learning_rates"]
 
 
-def sft_start_path(cli, seed: int, lr: float) -> Path:
-    sft_cli = argparse.Namespace(output_dir=cli.sft_dir or cli.output_dir)
-    return run_dir(sft_cli, "sft", seed, start_lr_of(cli, lr)) / "final"
+def sft_start_path(cli, seed: int) -> Path:
+    return run_dir(cli.sft_dir or cli.output_dir, "sft", seed, start_lr_of(cli)) / "final"
 
 
-def sft_start(cli, seed: int, lr: float):
-    """The seed's SFT student (the sft run at `start_lr_of(lr)`), loaded fresh: a start for continued training."""
+def sft_start(cli, seed: int):
+    """The seed's SFT student (the sft run at `start_lr_of(cli)`), loaded fresh: a start for continued training."""
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(sft_start_path(cli, seed, lr))
+    return LlamaForCausalLM.from_pretrained(sft_start_path(cli, seed))
 
 
 def run_one(cli, method: str, seed: int, lr: float) -> dict:
@@ -466,7 +465,7 @@ def run_one(cli, method: str, seed: int, lr: float) -> dict:
     final = measure(student, cfg, seed)
     curve.points.append({"step": trainer.state.global_step, **measure(student, cfg, seed, full=False)})
     if method == "sft":
-        student.save_pretrained(run_dir(cli, "sft", seed, lr) / "final")
+        student.save_pretrained(run_dir(cli.output_dir, "sft", seed, lr) / "final")
     tokens = sum(n for _, n in counts)
     log = trainer.state.log_history
     return {
@@ -504,7 +503,7 @@ def prepare(cli, cfg) -> dict:
     print(f"teacher {cfg['teacher']}: forward KL to p* {info['teacher_forward_kl']:.4f}/token, validity "
           f"{info['teacher_validity']:.3f} (greedy {info['teacher_validity_greedy']:.3f})", flush=True)
     if any(m == "ddpo_adpa" for m in cli.methods):
-        aligned_teacher(cli, cfg, teacher, tokenizer)
+        aligned_teacher(cli.output_dir, cfg, teacher, tokenizer)
     return info
 
 
@@ -529,8 +528,8 @@ def sweep(cli, argv) -> None:
         method, seed, lr = run
         if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
             return
-        if continues_from_sft(cli, method) and not (sft_start_path(cli, seed, lr) / "config.json").exists():
-            raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli, lr):g}: run 'sft' "
+        if continues_from_sft(cli, method) and not (sft_start_path(cli, seed) / "config.json").exists():
+            raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli):g}: run 'sft' "
                                "at that lr")
         start = time.time()
         row = (run_one(cli, method, seed, lr) if cli.in_process else
@@ -693,7 +692,7 @@ PREDICTIONS = [
 # Prediction 4b (OKD cheaper per step than on-policy GKD) is not checked here: these runs' seconds depend on what else
 # shared the CPU when each ran (sweeps of different sessions), so it is measured side by side in one process by
 # benchmarks/okd_speed.py at this task's completion length and batch (docs/benchmarks.md).
-LOWER_IS_BETTER = {"forward_kl", "train_seconds"}
+LOWER_IS_BETTER = {"forward_kl"}
 
 
 def paired(runs: dict, better: str, worse: str, metric: str, lr: float) -> dict | None:
@@ -748,7 +747,6 @@ def merge(cli) -> dict:
     best = best_per_method(rows)
     results = {"config": {**config_of(cli), "task": dataclasses.asdict(task())}, "info": info, "grid": rows,
                "best": best}
-    (out / "quality.json").write_text(json.dumps(results, indent=1))
     report, checked = prediction_report(runs)
     results["predictions"] = checked
     (out / "quality.json").write_text(json.dumps(results, indent=1))

@@ -116,8 +116,6 @@ def test_onpolicy_prefixes_counts_positions_after_the_first_impossible_move():
 
 
 def test_onpolicy_prefixes_smoke(tmp_path):
-    import argparse
-
     import onpolicy_prefixes
     import quality
 
@@ -125,7 +123,7 @@ def test_onpolicy_prefixes_smoke(tmp_path):
 
     tokenizer = hmm_task.make_tokenizer(quality.task().n_words)
     student = quality.fresh_student(quality.SIZES["quick"], tokenizer, seed=0)  # stands for a trained SFT student
-    student.save_pretrained(quality.run_dir(argparse.Namespace(output_dir=str(tmp_path)), "sft", 0, 3e-3) / "final")
+    student.save_pretrained(quality.run_dir(str(tmp_path), "sft", 0, 3e-3) / "final")
     results = onpolicy_prefixes.main(["--size", "quick", "--output-dir", str(tmp_path), "--seeds", "0", "--n", "4"])
     for start in ("sft", "fresh"):
         assert 0.0 <= results[start]["after_first_error_mean"] <= 1.0
