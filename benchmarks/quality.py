@@ -40,13 +40,16 @@ Methods (``--methods``; ``core`` is the default set, ``all`` everything):
   an invalid sample make a pair, chosen = the first valid, rejected = the first invalid): ``dpo`` (TRL
   `DPOTrainer`, the SFT student as reference), ``ddpo_teacher_ref`` / ``ddpo_dckd`` / ``ddpo_adpa``
   (`DistillDPOTrainer`; ADPA's aligned teacher is the teacher plus a LoRA adapter trained with TRL's DPO on the
-  teacher's own valid/invalid samples, adapter off = its reference), ``adpo_fixed`` / ``adpo_ema`` (`ADPOTrainer`
+  teacher's own valid/invalid samples, adapter off = its reference; ``ddpo_adpa_k5``: ADPA with ``teacher_top_k=5``
+  instead of the authors' 50, a top-k scaled to this 69-token vocabulary, docs/benchmarks.md), ``adpo_fixed`` / ``adpo_ema`` (`ADPOTrainer`
   on the lists of 4 with their validity rewards), ``redi`` (`REDITrainer`, alpha 0.8) and ``sft_pos`` (continued
   `SFTTrainer` on the chosen samples only: REDI's baseline).
 
-Each (method, seed, learning rate) runs in a fresh process (``--jobs`` at a time, one torch thread each) and
-appends one JSON line to ``<output-dir>/runs.jsonl``; a run already there is not repeated, so a long sweep can be
-stopped and continued. Train time, tokens/s (non-padding tokens the student reads, as in run_all.py) and peak memory
+Each (method, seed, learning rate) runs in a fresh process (``--jobs`` at a time, one torch thread each), forked
+from a server that imported torch, transformers and TRL once, and appends one JSON line to
+``<output-dir>/runs.jsonl``; its output goes to ``<output-dir>/runs/<run>/worker.log``. A run already there is not
+repeated, so a long sweep can be stopped and continued. A continued method waits only for its own seed's sft run;
+the preference data of a seed's start is drawn once and kept in ``<output-dir>/preference_data/``. Train time, tokens/s (non-padding tokens the student reads, as in run_all.py) and peak memory
 (CPU RSS high-water mark over the worker's RSS before its models) are measured around `trainer.train()` with the
 periodic evaluations left out; with ``--jobs 2`` the two workers share the CPU, so times are comparable between
 methods of one sweep, not absolute.
@@ -63,12 +66,11 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helpers, also when imported
 
-from _common import PeakMemory, counting, launch_worker, mib, trainer_args  # noqa: E402
+from _common import PeakMemory, counting, mib, trainer_args  # noqa: E402
 
 from trl_distill.losses import LOSS_TYPES  # noqa: E402
 
@@ -76,8 +78,8 @@ LMBDAS = (0.0, 0.5, 1.0)
 GKD_METHODS = tuple(f"gkd_{loss}_l{lmbda:g}" for loss in LOSS_TYPES for lmbda in LMBDAS)
 OKD_METHODS = ("okd_a0.1", "okd_a0.3", "okd_a0.5")
 DISTILL_METHODS = ("sft", "seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", *OKD_METHODS)
-PREFERENCE_METHODS = ("dpo", "ddpo_teacher_ref", "ddpo_dckd", "ddpo_adpa", "adpo_fixed", "adpo_ema", "redi",
-                      "sft_pos")
+PREFERENCE_METHODS = ("dpo", "ddpo_teacher_ref", "ddpo_dckd", "ddpo_adpa", "ddpo_adpa_k5", "adpo_fixed", "adpo_ema",
+                      "redi", "sft_pos")
 ALL_METHODS = DISTILL_METHODS + PREFERENCE_METHODS
 # The default run: the headline comparisons (KD against SFT, on- against off-policy, OKD, the preference trainers
 # against DPO and REDI's baseline), 5 seeds each: 45 runs of 2-4 minutes each, two at a time, so about an hour on 2
@@ -85,7 +87,7 @@ ALL_METHODS = DISTILL_METHODS + PREFERENCE_METHODS
 CORE_METHODS = ("sft", "gkd_forward_kl_l0", "gkd_forward_kl_l1", "okd_a0.1", "dpo", "ddpo_dckd", "adpo_fixed", "redi",
                 "sft_pos")
 TEACHER_METHODS = ("seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", *OKD_METHODS, "ddpo_teacher_ref",
-                   "ddpo_dckd", "ddpo_adpa")
+                   "ddpo_dckd", "ddpo_adpa", "ddpo_adpa_k5")
 
 SIZES = {
     # smoke test: seconds per run, meaningless numbers
@@ -126,7 +128,6 @@ def parse_args(argv=None):
     parser.add_argument("--plot-dir", default=None, help="where the PNGs go (default: docs/ for size small)")
     parser.add_argument("--merge", action="store_true", help="only aggregate the runs already in runs.jsonl")
     parser.add_argument("--in-process", action="store_true", help="run every method in this process")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args(argv)
     if cli.quick:
         cli.size, cli.in_process = "quick", True
@@ -238,7 +239,7 @@ def teacher_samples(cfg, teacher, prompts, seed: int) -> list[str]:
     return [hmm_task.decode_words(row, task().n_words) for row in tokens.tolist()]
 
 
-def preference_data(cfg, model, seed: int, k: int = 4) -> dict:
+def preference_data(cfg, model, seed: int, cache_dir: str | None = None, k: int = 4) -> dict:
     """Pairs, lists and positives from ``model``'s own samples (k per training prompt, reward = validity).
 
     A prompt with at least one invalid sample makes a pair: chosen = its first valid sample, rejected = its first
@@ -246,10 +247,33 @@ def preference_data(cfg, model, seed: int, k: int = 4) -> dict:
     p*), and the list's first sample is replaced by it; ``chosen_from_data`` reports how often (a student far from
     p*, as in the smoke run). Prompts whose k samples are all valid teach no preference and are left out, and so are
     prompts with an empty sample (the end token first), which the trainers refuse as data; ``n_pairs`` counts the
-    prompts kept.
+    prompts kept. With ``cache_dir`` the data is kept in ``<cache_dir>/preference_data/`` and read back by every
+    later call with the same start, seed and sizes.
     """
-    import torch
+    import hashlib
+
     from datasets import Dataset
+
+    # Every preference method of a seed draws the same data from the same start: drawn once, kept under a key of
+    # everything it depends on (the start's weights, the task, the seed and the sizes), shared by later workers.
+    weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
+    key = hashlib.sha256(json.dumps([weights.hexdigest(), dataclasses.asdict(task()), seed, cfg["n_train"],
+                                     cfg["n_pref"], k]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / "preference_data" / f"s{seed}_{key}.json" if cache_dir else None
+    if cache is not None and cache.exists():
+        data = json.loads(cache.read_text())
+    else:
+        data = _draw_preference_data(cfg, model, seed, k)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(data))
+            partial.replace(cache)  # atomic: a worker drawing the same data at the same time writes the same file
+    return {**data, **{name: Dataset.from_list(data[name]) for name in ("pairs", "lists", "positives")}}
+
+
+def _draw_preference_data(cfg, model, seed: int, k: int) -> dict:
+    import torch
 
     from trl_distill import hmm_task
 
@@ -275,8 +299,7 @@ def preference_data(cfg, model, seed: int, k: int = 4) -> dict:
         lists.append({"prompt": message, "completions": [hmm_task.completion_messages(t) for t in texts],
                       "rewards": rewards})
         positives.append({"prompt": message, "completion": hmm_task.completion_messages(chosen)})
-    return {"pairs": Dataset.from_list(pairs), "lists": Dataset.from_list(lists),
-            "positives": Dataset.from_list(positives),
+    return {"pairs": pairs, "lists": lists, "positives": positives,
             "start_sample_validity": sum(map(sum, valid)) / (len(prompts) * k), "n_pairs": len(pairs),
             "chosen_from_data": from_data / max(1, len(pairs))}
 
@@ -368,7 +391,7 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
                                             processing_class=tokenizer), student, {}
 
     policy = sft_start(cli, seed)
-    data = preference_data(cfg, policy, seed)
+    data = preference_data(cfg, policy, seed, cache_dir=cli.output_dir)
     facts = {key: data[key] for key in ("start_sample_validity", "n_pairs", "chosen_from_data")}
     facts["start_lr"] = start_lr_of(cli)
     args = {**args, "max_length": 64}
@@ -380,9 +403,10 @@ def build_trainer(method, cli, cfg, seed, lr, tokenizer, teacher, counts):
                                             args=DPOConfig(**args, beta=0.1), train_dataset=data["pairs"],
                                             processing_class=tokenizer), policy, facts
     if method.startswith("ddpo_"):
-        mode = method.removeprefix("ddpo_")
+        mode, _, top_k = method.removeprefix("ddpo_").partition("_k")  # ddpo_adpa_k5: teacher_top_k=5
         reference = aligned_teacher(cli.output_dir, cfg, teacher, tokenizer) if mode == "adpa" else teacher
-        config = DistillDPOConfig(**args, beta=0.1, mode=mode, adpa_max_new_tokens=task().completion_length + 1)
+        config = DistillDPOConfig(**args, beta=0.1, mode=mode, adpa_max_new_tokens=task().completion_length + 1,
+                                  **({"teacher_top_k": int(top_k)} if top_k else {}))
         return counting(DistillDPOTrainer, counts)(model=policy, teacher_model=reference, args=config,
                                                    train_dataset=data["pairs"], processing_class=tokenizer), policy, facts
     if method.startswith("adpo_"):
@@ -502,12 +526,12 @@ def prepare(cli, cfg) -> dict:
     info = {f"teacher_{k}": v for k, v in measure(teacher, cfg, 0).items()}
     print(f"teacher {cfg['teacher']}: forward KL to p* {info['teacher_forward_kl']:.4f}/token, validity "
           f"{info['teacher_validity']:.3f} (greedy {info['teacher_validity_greedy']:.3f})", flush=True)
-    if any(m == "ddpo_adpa" for m in cli.methods):
+    if any(m.startswith("ddpo_adpa") for m in cli.methods):
         aligned_teacher(cli.output_dir, cfg, teacher, tokenizer)
     return info
 
 
-def sweep(cli, argv) -> None:
+def sweep(cli) -> None:
     cfg = config_of(cli)
     out = Path(cli.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,39 +539,109 @@ def sweep(cli, argv) -> None:
         (out / "info.json").write_text(json.dumps(prepare(cli, cfg), indent=1))
     runs_path = out / "runs.jsonl"
     done = done_runs(runs_path)
-    # Method by method, so that a sweep stopped early leaves whole rows (every seed) rather than partial ones.
+    # Method by method, so that a sweep stopped early leaves whole rows (every seed) rather than partial ones; SFT
+    # first, as the continued methods start from its student.
     todo = [(m, s, lr) for m in cli.methods for lr in learning_rates_of(cli, cfg, m) for s in cfg["seeds"]
             if (m, s, lr) not in done]
-    # SFT first: the preference methods start from its student.
-    first = [r for r in todo if r[0] == "sft"]
-    rest = [r for r in todo if r[0] != "sft"]
-    worker_argv = [a for a in argv if a != "--quick"] + (["--size", "quick"] if cli.quick else [])
+    todo.sort(key=lambda run: run[0] != "sft")
+    made_here = cli.sft_dir in (None, cli.output_dir)  # this sweep's sft runs are the continued methods' starts
+    for method, seed, _ in todo:
+        if (continues_from_sft(cli, method) and not (sft_start_path(cli, seed) / "config.json").exists()
+                and not (made_here and ("sft", seed, start_lr_of(cli)) in todo)):
+            raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli):g} in "
+                               f"{cli.sft_dir or cli.output_dir}: run 'sft' at that lr")
     began = time.time()
 
-    def one(run):
-        method, seed, lr = run
-        if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
-            return
-        if continues_from_sft(cli, method) and not (sft_start_path(cli, seed) / "config.json").exists():
-            raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli):g}: run 'sft' "
-                               "at that lr")
-        start = time.time()
-        row = (run_one(cli, method, seed, lr) if cli.in_process else
-               launch_worker(__file__, worker_argv, json.dumps([method, seed, lr]), env=WORKER_ENV))
+    def record(run, row, seconds):
         with runs_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        done[(method, seed, lr)] = row
-        print(f"[{time.time() - began:6.0f} s] {method} seed {seed} lr {lr:g}: KL {row['forward_kl']:.4f}, "
+        done[run] = row
+        print(f"[{time.time() - began:6.0f} s] {run[0]} seed {run[1]} lr {run[2]:g}: KL {row['forward_kl']:.4f}, "
               f"validity {row['validity']:.3f} / greedy {row['validity_greedy']:.3f}, train "
-              f"{row['train_seconds']:.0f} s ({time.time() - start:.0f} s in all)", flush=True)
+              f"{row['train_seconds']:.0f} s ({seconds:.0f} s in all)", flush=True)
 
-    for batch in (first, rest):
-        if cli.in_process or cli.jobs == 1:
-            for run in batch:
-                one(run)
-        else:
-            with ThreadPoolExecutor(cli.jobs) as pool:
-                list(pool.map(one, batch))
+    if cli.in_process:
+        for run in todo:
+            start = time.time()
+            record(run, run_one(cli, *run), time.time() - start)
+        return
+    failed = run_in_workers(cli, todo, runs_path, record)
+    if failed:
+        raise RuntimeError("runs failed (their output is in each run's worker.log):\n" + "\n".join(failed))
+
+
+# Imported once by the fork server that every worker is forked from, instead of once per worker (~10 s each).
+WORKER_PRELOAD = ("torch", "transformers", "datasets", "peft", "trl", "trl.trainer.sft_trainer",
+                  "trl.trainer.dpo_trainer", "trl.trainer.distillation_trainer", "trl.experimental.gkd",
+                  "trl_distill.hmm_task", "trl_distill.testing", "trl_distill.trainers.gkd", "trl_distill.trainers.okd",
+                  "trl_distill.trainers.distill_dpo", "trl_distill.trainers.adpo", "trl_distill.trainers.redi")
+
+
+def run_in_workers(cli, todo: list, runs_path: Path, record) -> list[str]:
+    """Run ``todo`` ``cli.jobs`` at a time, each in a fresh process forked from a server that has imported the
+    libraries once (a fresh process per run keeps one run's retained heap out of the next one's peak RSS). A
+    continued run waits only for its own seed's sft run. Returns the runs that failed."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    pending, running, failed, started = list(todo), {}, [], {}
+    saved_env = {key: os.environ.get(key) for key in WORKER_ENV}
+    os.environ.update(WORKER_ENV)  # the fork server, started on the first submit, passes it to every worker
+
+    def startable(run):
+        method, seed, _ = run
+        if not continues_from_sft(cli, method):
+            return True
+        return (sft_start_path(cli, seed) / "config.json").exists()
+
+    try:
+        with ProcessPoolExecutor(cli.jobs, mp_context=context, max_tasks_per_child=1) as pool:
+            while pending or running:
+                while len(running) < cli.jobs and (run := next(filter(startable, pending), None)) is not None:
+                    pending.remove(run)
+                    if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
+                        continue
+                    log = run_dir(cli.output_dir, *run) / "worker.log"
+                    running[pool.submit(run_logged, cli, run, str(log))] = run
+                    started[run] = time.time()
+                if not running:  # what is left waits for an sft run that failed
+                    failed += [f"{m} seed {s} lr {lr:g}: its sft start failed" for m, s, lr in pending]
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    run = running.pop(future)
+                    try:
+                        record(run, future.result(), time.time() - started[run])
+                    except Exception as error:  # noqa: BLE001 - reported with the others at the end
+                        failed.append(f"{run[0]} seed {run[1]} lr {run[2]:g}: {type(error).__name__}: {error}")
+                        print(f"FAILED {failed[-1]}", flush=True)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+    return failed
+
+
+def run_logged(cli, run: tuple, log: str) -> dict:
+    """`run_one` in a worker, its stdout and stderr (progress bars, warnings, a traceback) in the file ``log``."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as file:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        try:
+            return run_one(cli, *run)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -688,6 +782,8 @@ PREDICTIONS = [
     ("8. sequence-level KD beats SFT on validity", [("seqkd", "sft", "validity")]),
     ("9. our JSD (lmbda 0.5) and TRL's GKDTrainer agree (no difference expected)",
      [("gkd_jsd_l0.5", "trl_gkd", "forward_kl"), ("gkd_jsd_l0.5", "trl_gkd", "validity")]),
+    ("10. ADPA with its top-k scaled to the vocabulary (5 of 69) beats DPO on validity and keeps greedy validity",
+     [("ddpo_adpa_k5", "dpo", "validity"), ("ddpo_adpa_k5", "ddpo_adpa", "validity_greedy")]),
 ]
 # Prediction 4b (OKD cheaper per step than on-policy GKD) is not checked here: these runs' seconds depend on what else
 # shared the CPU when each ran (sweeps of different sessions), so it is measured side by side in one process by
@@ -768,12 +864,8 @@ def merge(cli) -> dict:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cli = parse_args(argv)
-    if cli.worker:
-        method, seed, lr = json.loads(cli.worker)
-        print(json.dumps(run_one(cli, method, seed, lr)))
-        return {}
     if not cli.merge:
-        sweep(cli, argv)
+        sweep(cli)
     return merge(cli)
 
 

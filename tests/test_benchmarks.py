@@ -68,6 +68,19 @@ def test_quality_quick_runs_every_method_and_resumes(tmp_path, monkeypatch):
     quality.main(["--quick", "--output-dir", str(out), "--plot-dir", "", "--methods", "sft", "redi"])
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(runs)  # already done: not repeated
 
+    # The default way: each run in a worker forked from the preloading server, dpo waiting for its seed's sft.
+    # Same numbers as in this process, to the last bit (nothing depends on the process), and each run's output
+    # kept in its worker.log.
+    workers = tmp_path / "workers"
+    quality.main(["--size", "quick", "--output-dir", str(workers), "--plot-dir", "", "--methods", "dpo", "sft",
+                  "--jobs", "2"])
+    in_process = {row["method"]: row for row in map(json.loads, runs)}
+    for row in map(json.loads, (workers / "runs.jsonl").read_text().splitlines()):
+        for key in ("forward_kl", "validity", "validity_greedy", "curve", "loss", "n_pairs", "tokens"):
+            assert row.get(key) == in_process[row["method"]].get(key), (row["method"], key)
+        assert (quality.run_dir(str(workers), row["method"], 0, row["learning_rate"]) / "worker.log").stat().st_size
+    assert len(list((workers / "preference_data").glob("s0_*.json"))) == 1
+
 
 def test_quality_method_groups():
     import quality
