@@ -39,8 +39,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", default="small", choices=list(quality.SIZES))
     cli = parser.parse_args(argv)
 
-    import torch
-
     from trl_distill import hmm_task
     from trl_distill.models import adapter_disabled
 
@@ -48,10 +46,9 @@ def main(argv=None) -> dict:
     teacher, tokenizer = quality.load_teacher(cfg)
     aligned = quality.aligned_teacher(cli.output_dir, cfg, teacher, tokenizer)
     prompts, completions = hmm_task.sample_pairs(quality.task(), cli.n, "eval", seed=2)
-    with torch.no_grad():
-        log_aligned = hmm_task._completion_logits(aligned, prompts, completions, 100)
-        with adapter_disabled(aligned):
-            log_ref = hmm_task._completion_logits(aligned, prompts, completions, 100)
+    log_aligned = hmm_task.completion_log_probs(aligned, prompts, completions, 100)
+    with adapter_disabled(aligned):
+        log_ref = hmm_task.completion_log_probs(aligned, prompts, completions, 100)
     p_star = hmm_task.language(quality.task()).completion_next_token_probs(prompts, completions)
     vocab = p_star.shape[-1]
     log_aligned, log_ref = log_aligned[..., :vocab].reshape(-1, vocab), log_ref[..., :vocab].reshape(-1, vocab)

@@ -116,6 +116,26 @@ def test_both_kl_forms_agree_on_the_real_task():
     assert sampled == pytest.approx(full, rel=0.05)
 
 
+def test_completion_log_probs_are_the_models_next_token_distributions():
+    """Slot t of `completion_log_probs` predicts completion token t (slot L the end): the log-probs of the actual
+    tokens give the model's own SFT loss on the sequence; the model is put back in the mode it was in."""
+    config = hmm_task.TaskConfig()
+    from trl_distill.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(hmm_task.make_tokenizer(config.n_words), hidden_size=16, num_layers=1, seed=0).train()
+    prompts, completions = hmm_task.sample_pairs(config, 3, "eval")
+    log_probs = hmm_task.completion_log_probs(model, prompts, completions, batch_size=2)
+    assert log_probs.shape == (3, config.completion_length + 1, model.config.vocab_size)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(3, config.completion_length + 1, dtype=torch.float64))
+    assert model.training
+    input_ids, labels = hmm_task.encode_sequences(prompts, completions)
+    targets = labels[:, prompts.shape[1] + 2 :]
+    nll = -log_probs.gather(2, targets.unsqueeze(2)).mean()
+    with torch.no_grad():
+        loss = model.eval()(input_ids=input_ids, labels=labels).loss
+    assert nll.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
 def test_validity_of_completions():
     config = hmm_task.TaskConfig()
     lang = hmm_task.language(config)

@@ -313,16 +313,24 @@ def encode_sequences(prompts: torch.Tensor, completions: torch.Tensor) -> tuple[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _completion_logits(model: torch.nn.Module, prompts: torch.Tensor, completions: torch.Tensor,
-                       batch_size: int) -> torch.Tensor:
-    """The model's log-probs over its whole head at each completion position and the end slot, ``[n, L+1, V']``."""
+@torch.no_grad()
+def completion_log_probs(model: torch.nn.Module, prompts: torch.Tensor, completions: torch.Tensor,
+                         batch_size: int = 250) -> torch.Tensor:
+    """The model's next-token log-probs over its whole head at each completion position and the end slot,
+    ``[n, L+1, V']`` (float64, on the CPU), given word ``prompts`` ``[n, P]`` and ``completions`` ``[n, L]``; the
+    model runs in eval mode and is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
     device = next(model.parameters()).device
     input_ids, _ = encode_sequences(prompts, completions)
     first = prompts.shape[1] + 1  # the <|assistant|> position, whose logits predict the first completion token
     out = []
-    for i in range(0, len(input_ids), batch_size):
-        logits = model(input_ids=input_ids[i : i + batch_size].to(device)).logits.float()
-        out.append(torch.log_softmax(logits[:, first:-1], dim=-1).double().cpu())
+    try:
+        for i in range(0, len(input_ids), batch_size):
+            logits = model(input_ids=input_ids[i : i + batch_size].to(device)).logits.float()
+            out.append(torch.log_softmax(logits[:, first:-1], dim=-1).double().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 
@@ -336,12 +344,7 @@ def forward_kl(model: torch.nn.Module, config: TaskConfig, prompts: torch.Tensor
     unbiased for ``E_{y ~ p*}[log p*(y|x) - log q(y|x)] / (L + 1)``; the first has lower variance. A head wider than
     the vocabulary keeps its extra columns in the student's softmax (mass there is mass off p*'s support).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        log_q = _completion_logits(model, prompts, completions, batch_size)
-    finally:
-        model.train(was_training)
+    log_q = completion_log_probs(model, prompts, completions, batch_size)
     p = language(config).completion_next_token_probs(prompts, completions)
     vocab = p.shape[-1]
     if sampled_token:
