@@ -1,6 +1,7 @@
 """Which method gives the better student? Every trainer on a task whose true distribution is known (SPEC section 10).
 
-    python benchmarks/quality.py                          # the default run (size "small", 5 seeds, 9 core methods)
+    python benchmarks/quality.py                          # the default run (size "small", 5 seeds, 9 core methods:
+                                                          # 23 minutes on 2 CPU cores)
     python benchmarks/quality.py --methods all            # every method of the table (hours on 2 CPU cores)
     python benchmarks/quality.py --methods gkd_forward_kl_l0 sft --seeds 0 1 2 3 4
     python benchmarks/quality.py --merge                  # tables, JSON and plots from the runs done so far
@@ -82,8 +83,8 @@ PREFERENCE_METHODS = ("dpo", "ddpo_teacher_ref", "ddpo_dckd", "ddpo_adpa", "ddpo
                       "redi", "sft_pos")
 ALL_METHODS = DISTILL_METHODS + PREFERENCE_METHODS
 # The default run: the headline comparisons (KD against SFT, on- against off-policy, OKD, the preference trainers
-# against DPO and REDI's baseline), 5 seeds each: 45 runs of 2-4 minutes each, two at a time, so about an hour on 2
-# CPU cores (docs/benchmarks.md gives the per-run times measured).
+# against DPO and REDI's baseline), 5 seeds each: 45 runs of 20 s to 2 minutes, two at a time, 23 minutes on 2 idle
+# CPU cores (benchmarks/results/quality_default_run.log).
 CORE_METHODS = ("sft", "gkd_forward_kl_l0", "gkd_forward_kl_l1", "okd_a0.1", "dpo", "ddpo_dckd", "adpo_fixed", "redi",
                 "sft_pos")
 TEACHER_METHODS = ("seqkd", *GKD_METHODS, "trl_gkd", "trl_distillation", *OKD_METHODS, "ddpo_teacher_ref",
