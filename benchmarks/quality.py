@@ -711,6 +711,7 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
     Path(plot_dir).mkdir(parents=True, exist_ok=True)
     paths = []
     order = [r for r in best]
+    continued = {k[0] for k, run in runs.items() if k[0] in PREFERENCE_METHODS or run.get("student_start") == "sft"}
     fig, axes = plt.subplots(1, 3, figsize=(16, max(4, 0.32 * len(order) + 1.5)))
     names = [f"{r['method']} (lr {r['learning_rate']:g}, {len(r['seeds'])} seeds)" for r in order]
     for ax, metric, label in zip(axes, ("forward_kl", "validity", "validity_greedy"),
@@ -718,13 +719,14 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
                                   "better)", "validity, greedy")):
         means = [r[metric][0] for r in order]
         stds = [r[metric][1] for r in order]
-        colors = ["tab:red" if r["method"] in PREFERENCE_METHODS else "tab:blue" for r in order]
+        colors = ["tab:red" if r["method"] in continued else "tab:blue" for r in order]
         ax.barh(range(len(order)), means, xerr=stds, color=colors, alpha=0.8, capsize=2)
         ax.set_yticks(range(len(order)), names if metric == "forward_kl" else [""] * len(order), fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(label, fontsize=8)
         if metric == "forward_kl":
             ax.set_xscale("log")  # the methods differ by factors, from the teacher's 0.003 to a stalled 0.4
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # within a decade they overlap
         if metric == "forward_kl" and "teacher_forward_kl" in info:
             ax.axvline(info["teacher_forward_kl"], color="gray", linestyle="--", label="teacher")
             ax.legend(fontsize=7)
@@ -743,7 +745,7 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
         for ax, metric in zip(axes, ("forward_kl", "validity")):
             values = [sum(run["curve"][i][metric] for run in group) / len(group) for i in range(len(steps))]
             ax.plot(steps, values, marker=".", label=r["method"],
-                    linestyle="--" if r["method"] in PREFERENCE_METHODS else "-")
+                    linestyle="--" if r["method"] in continued else "-")
     axes[0].set(xlabel="optimizer step", ylabel="forward KL per token (300 held-out samples)", yscale="log")
     axes[1].set(xlabel="optimizer step", ylabel="validity, T=1 (200 held-out prompts)")
     for ax in axes:
