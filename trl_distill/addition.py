@@ -25,6 +25,7 @@ from datasets import Dataset
 from tokenizers import Regex, decoders, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from .models import eval_mode
 from .task_tokenizer import word_level_tokenizer
 
 PAD, UNK, SYSTEM, USER, ASSISTANT, END = "<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -268,12 +269,10 @@ def generate_completions(
     Prompts go through the tokenizer's chat template with the generation prompt and are padded on the left; the
     model is put in eval mode and its previous mode restored afterwards. Use `parse_completion` for the answer.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     vocab_size = len(tokenizer)
     texts: list[str] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(problems), batch_size):
             batch = problems[start : start + batch_size]
             conversations = [_user(a, b) for a, b in batch]
@@ -292,8 +291,6 @@ def generate_completions(
             # A head padded beyond the tokenizer can emit ids the tokenizer cannot decode: count them as <unk>.
             new_tokens = new_tokens.masked_fill(new_tokens >= vocab_size, tokenizer.unk_token_id)
             texts.extend(tokenizer.batch_decode(new_tokens))
-    finally:
-        model.train(was_training)
     return texts
 
 

@@ -38,6 +38,7 @@ from datasets import Dataset
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from .models import eval_mode
 from .task_tokenizer import word_level_tokenizer
 
 PAD, UNK, USER, ASSISTANT, END = "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -319,18 +320,14 @@ def completion_log_probs(model: torch.nn.Module, prompts: torch.Tensor, completi
     """The model's next-token log-probs over its whole head at each completion position and the end slot,
     ``[n, L+1, V']`` (float64, on the CPU), given word ``prompts`` ``[n, P]`` and ``completions`` ``[n, L]``; the
     model runs in eval mode and is left in the mode it was in."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     input_ids, _ = encode_sequences(prompts, completions)
     first = prompts.shape[1] + 1  # the <|assistant|> position, whose logits predict the first completion token
     out = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(input_ids), batch_size):
             logits = model(input_ids=input_ids[i : i + batch_size].to(device)).logits.float()
             out.append(torch.log_softmax(logits[:, first:-1], dim=-1).double().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
@@ -367,14 +364,12 @@ def sample_completions(model: torch.nn.Module, config: TaskConfig, prompts: torc
     length, so no padding is needed and one KV cache serves the batch. Only the vocabulary's ids are drawn: a head
     padded wider than the tokenizer has its extra columns masked, as they decode to nothing.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     vocab = config.n_words + WORD_OFFSET
     # transformers 5.x renamed `past_key_values` to `cache` (in the forward and its output); accept either.
     cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     out = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
             input_ids = encode_prompts(prompts[i : i + batch_size]).to(device)
             tokens = []
@@ -390,8 +385,6 @@ def sample_completions(model: torch.nn.Module, config: TaskConfig, prompts: torc
                 tokens.append(token)
                 input_ids = token[:, None]
             out.append(torch.stack(tokens, 1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 

@@ -1,7 +1,7 @@
 """What the trainers need to know about any causal LM, student or teacher: its name in messages, the transformers
 model inside PEFT and distributed wrappers, its output head and rows, its backbone's hidden states (for the chunked
 losses, which multiply the last hidden state by the head a few rows at a time instead of materialising ``[B, T, V]``
-logits), and switching its adapter off."""
+logits), and switching its adapter off or it into eval mode for a block."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ __all__ = [
     "backbone_hidden_states",
     "causal_lm",
     "check_plain_logits",
+    "eval_mode",
     "head_rows",
     "model_name",
     "output_head",
@@ -72,6 +73,18 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
             model.enable_adapters()
     else:
         yield
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode inside the block (no dropout: measurements and greedy decoding are deterministic),
+    back in the mode it was in afterwards, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

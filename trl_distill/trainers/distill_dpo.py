@@ -32,6 +32,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .. import losses, offline_teacher
+from ..models import eval_mode
 from ._common import DistillArguments, DistillTrainerMixin
 from ._teacher import TeacherArguments, TeacherTrainerMixin
 from ..teacher import (
@@ -479,17 +480,11 @@ class DistillDPOTrainer(TeacherTrainerMixin, DistillTrainerMixin, DPOTrainer):
                 model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
             ) as unwrapped,
             torch.no_grad(),
+            eval_mode(unwrapped),  # greedy means deterministic: no dropout even when `disable_dropout=False`
         ):
-            was_training = unwrapped.training
-            unwrapped.eval()  # greedy means deterministic: no dropout even when `disable_dropout=False`
-            try:
-                generated = unwrapped.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_attention,
-                    generation_config=self._adpa_generation_config,
-                )
-            finally:
-                unwrapped.train(was_training)
+            generated = unwrapped.generate(
+                input_ids=prompt_ids, attention_mask=prompt_attention, generation_config=self._adpa_generation_config
+            )
         sequences, masks = [], []
         for prompt, response in zip(prompts, generated[:, prompt_ids.size(1):], strict=True):
             ends = (response == eos_id).nonzero()
