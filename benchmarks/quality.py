@@ -37,23 +37,23 @@ Methods (``--methods``; ``core`` is the default set, ``all`` everything):
   ``trl_gkd`` (TRL `GKDTrainer`: lmbda 0.5, beta 0.5), ``trl_distillation`` (TRL 1.16 `DistillationTrainer`,
   on-policy, beta 0.5: JSD), ``okd_a<alpha>`` (`OKDTrainer`, alpha 0.1 / 0.3 / 0.5);
 * from the seed's SFT student (the ``sft`` run at the same learning rate), on preference data built from that
-  student's own samples (4 per training prompt at temperature 1, reward = validity; prompts with both a valid and
-  an invalid sample make a pair, chosen = the first valid, rejected = the first invalid): ``dpo`` (TRL
-  `DPOTrainer`, the SFT student as reference), ``ddpo_teacher_ref`` / ``ddpo_dckd`` / ``ddpo_adpa``
-  (`DistillDPOTrainer`; ADPA's aligned teacher is the teacher plus a LoRA adapter trained with TRL's DPO on the
-  teacher's own valid/invalid samples, adapter off = its reference; ``ddpo_adpa_k5``: ADPA with ``teacher_top_k=5``
-  instead of the authors' 50, a top-k scaled to this 69-token vocabulary, docs/benchmarks.md), ``adpo_fixed`` / ``adpo_ema`` (`ADPOTrainer`
-  on the lists of 4 with their validity rewards), ``redi`` (`REDITrainer`, alpha 0.8) and ``sft_pos`` (continued
+  student's own samples (4 per training prompt at temperature 1, reward = validity; prompts with both a valid and an
+  invalid sample make a pair, chosen = the first valid, rejected = the first invalid): ``dpo`` (TRL `DPOTrainer`,
+  the SFT student as reference), ``ddpo_teacher_ref`` / ``ddpo_dckd`` / ``ddpo_adpa`` (`DistillDPOTrainer`; ADPA's
+  aligned teacher is the teacher plus a LoRA adapter trained with TRL's DPO on the teacher's own valid/invalid
+  samples, adapter off = its reference; ``ddpo_adpa_k5``: ADPA with ``teacher_top_k=5`` instead of the authors' 50,
+  a top-k scaled to this 69-token vocabulary, docs/benchmarks.md), ``adpo_fixed`` / ``adpo_ema`` (`ADPOTrainer` on
+  the lists of 4 with their validity rewards), ``redi`` (`REDITrainer`, alpha 0.8) and ``sft_pos`` (continued
   `SFTTrainer` on the chosen samples only: REDI's baseline).
 
 Each (method, seed, learning rate) runs in a fresh process (``--jobs`` at a time, one torch thread each), forked
 from a server that imported torch, transformers and TRL once, and appends one JSON line to
 ``<output-dir>/runs.jsonl``; its output goes to ``<output-dir>/runs/<run>/worker.log``. A run already there is not
 repeated, so a long sweep can be stopped and continued. A continued method waits only for its own seed's sft run;
-the preference data of a seed's start is drawn once and kept in ``<output-dir>/preference_data/``. Train time, tokens/s (non-padding tokens the student reads, as in run_all.py) and peak memory
-(CPU RSS high-water mark over the worker's RSS before its models) are measured around `trainer.train()` with the
-periodic evaluations left out; with ``--jobs 2`` the two workers share the CPU, so times are comparable between
-methods of one sweep, not absolute.
+the preference data of a seed's start is drawn once and kept in ``<output-dir>/preference_data/``. Train time,
+tokens/s (non-padding tokens the student reads, as in run_all.py) and peak memory (CPU RSS high-water mark over the
+worker's RSS before its models) are measured around `trainer.train()` with the periodic evaluations left out; with
+``--jobs 2`` the two workers share the CPU, so times are comparable between methods of one sweep, not absolute.
 """
 
 from __future__ import annotations
@@ -437,6 +437,11 @@ def sft_start_path(cli, seed: int) -> Path:
     return run_dir(cli.sft_dir or cli.output_dir, "sft", seed, start_lr_of(cli)) / "final"
 
 
+def sft_start_ready(cli, method: str, seed: int) -> bool:
+    """Whether a run of ``method`` can start: it starts from a fresh student, or its seed's sft start is saved."""
+    return not continues_from_sft(cli, method) or (sft_start_path(cli, seed) / "config.json").exists()
+
+
 def sft_start(cli, seed: int):
     """The seed's SFT student (the sft run at `start_lr_of(cli)`), loaded fresh: a start for continued training."""
     from transformers import LlamaForCausalLM
@@ -547,8 +552,7 @@ def sweep(cli) -> None:
     todo.sort(key=lambda run: run[0] != "sft")
     made_here = cli.sft_dir in (None, cli.output_dir)  # this sweep's sft runs are the continued methods' starts
     for method, seed, _ in todo:
-        if (continues_from_sft(cli, method) and not (sft_start_path(cli, seed) / "config.json").exists()
-                and not (made_here and ("sft", seed, start_lr_of(cli)) in todo)):
+        if not sft_start_ready(cli, method, seed) and not (made_here and ("sft", seed, start_lr_of(cli)) in todo):
             raise RuntimeError(f"{method} needs the sft run of seed {seed}, lr {start_lr_of(cli):g} in "
                                f"{cli.sft_dir or cli.output_dir}: run 'sft' at that lr")
     began = time.time()
@@ -591,16 +595,13 @@ def run_in_workers(cli, todo: list, runs_path: Path, record) -> list[str]:
     saved_env = {key: os.environ.get(key) for key in WORKER_ENV}
     os.environ.update(WORKER_ENV)  # the fork server, started on the first submit, passes it to every worker
 
-    def startable(run):
-        method, seed, _ = run
-        if not continues_from_sft(cli, method):
-            return True
-        return (sft_start_path(cli, seed) / "config.json").exists()
+    def next_ready():  # the first pending run whose start exists (runs are removed from pending as they start)
+        return next((run for run in pending if sft_start_ready(cli, run[0], run[1])), None)
 
     try:
         with ProcessPoolExecutor(cli.jobs, mp_context=context, max_tasks_per_child=1) as pool:
             while pending or running:
-                while len(running) < cli.jobs and (run := next(filter(startable, pending), None)) is not None:
+                while len(running) < cli.jobs and (run := next_ready()) is not None:
                     pending.remove(run)
                     if run in done_runs(runs_path):  # finished meanwhile by another sweep writing to the same folder
                         continue
