@@ -703,6 +703,35 @@ def markdown(rows: list[dict], with_lr: bool = True) -> str:
     return "\n".join(lines)
 
 
+def curve_styles(methods: list[str], continued: set[str]) -> dict[str, dict]:
+    """Matplotlib line keywords per method, so that 20-odd curves stay readable: one colour per family (a divergence,
+    OKD, ADPA, each other trainer), the line style for the setting within it (lmbda 0 / 0.5 / 1, OKD's alpha 0.1 /
+    0.3 / 0.5, ADPA's top-k 50 / 5), and an x marker for a method continued from the SFT student."""
+    import matplotlib
+
+    def family(method: str) -> tuple[str, int]:
+        if method in GKD_METHODS:
+            loss, _, lmbda = method.removeprefix("gkd_").rpartition("_l")
+            return loss, [f"{x:g}" for x in LMBDAS].index(lmbda)
+        if method in OKD_METHODS:
+            return "okd", OKD_METHODS.index(method)
+        if method.startswith("ddpo_adpa"):
+            return "ddpo_adpa", int(method != "ddpo_adpa")
+        return method, 0
+
+    families = list(dict.fromkeys(family(m)[0] for m in methods))
+    if len(families) <= 10:
+        palette = matplotlib.colormaps["tab10"].colors
+    else:  # tab20's dark shades first, then the light ones: neighbouring families never share a hue
+        palette = matplotlib.colormaps["tab20"].colors[0::2] + matplotlib.colormaps["tab20"].colors[1::2]
+    styles = {}
+    for method in methods:
+        name, setting = family(method)
+        styles[method] = dict(color=palette[families.index(name) % len(palette)], linestyle=("-", "--", ":")[setting],
+                              marker="x" if method in continued else ".")
+    return styles
+
+
 def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
     import matplotlib
 
@@ -739,19 +768,19 @@ def plot(runs: dict, best: list[dict], info: dict, plot_dir: str) -> list[str]:
     plt.close(fig)
     paths.append(path)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    styles = curve_styles([r["method"] for r in order], continued)
     for r in order:
         group = [run for k, run in runs.items() if k[0] == r["method"] and k[2] == r["learning_rate"]]
         steps = [p["step"] for p in group[0]["curve"]]
         for ax, metric in zip(axes, ("forward_kl", "validity")):
             values = [sum(run["curve"][i][metric] for run in group) / len(group) for i in range(len(steps))]
-            ax.plot(steps, values, marker=".", label=r["method"],
-                    linestyle="--" if r["method"] in continued else "-")
+            ax.plot(steps, values, label=r["method"], **styles[r["method"]])
     axes[0].set(xlabel="optimizer step", ylabel="forward KL per token (300 held-out samples)", yscale="log")
     axes[1].set(xlabel="optimizer step", ylabel="validity, T=1 (200 held-out prompts)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, ncol=2)
+    axes[1].legend(fontsize=6, ncol=1 + len(order) // 24, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = str(Path(plot_dir) / "quality_curves.png")
     fig.savefig(path, dpi=110)

@@ -94,6 +94,24 @@ def test_quality_method_groups():
         quality.parse_args(["--methods", "nonsense"])
 
 
+def test_quality_curve_styles_colour_a_family_and_dash_its_settings():
+    """The curves plot: a divergence (or OKD, ADPA) keeps one colour across its settings, which the line style tells
+    apart; different families never share a colour; runs continued from SFT are marked."""
+    import quality
+
+    methods = list(quality.ALL_METHODS)
+    styles = quality.curve_styles(methods, continued=set(quality.PREFERENCE_METHODS))
+    for family in ([f"gkd_jsd_l{x}" for x in ("0", "0.5", "1")], list(quality.OKD_METHODS),
+                   ["ddpo_adpa", "ddpo_adpa_k5"]):
+        assert len({styles[m]["color"] for m in family}) == 1, family
+        assert len({styles[m]["linestyle"] for m in family}) == len(family), family
+    firsts = ["sft", "seqkd", *(f"gkd_{loss}_l0" for loss in quality.LOSS_TYPES), "trl_gkd", "trl_distillation",
+              "okd_a0.1", "dpo", "ddpo_teacher_ref", "ddpo_dckd", "ddpo_adpa", "adpo_fixed", "adpo_ema", "redi",
+              "sft_pos"]
+    assert len({styles[m]["color"] for m in firsts}) == len(firsts) == 20
+    assert styles["dpo"]["marker"] == "x" and styles["sft"]["marker"] == "."
+
+
 def test_adpa_advantage_diagnostic_smoke(tmp_path):
     # The diagnostic of ADPA's advantage (docs/benchmarks.md): at smoke size, every share is a fraction and the full
     # top-k (the whole vocabulary) holds the impossible tokens that a top-1 can avoid.
