@@ -226,6 +226,27 @@ def measure(model, cfg, seed: int, full: bool = True) -> dict:
     }
 
 
+def weights_sha(model) -> str:
+    """A fingerprint of a model's weights (sha256 of its state dict's bytes)."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+
+
+def cpu_name() -> str:
+    """The CPU's model name: runs on different CPUs differ in the last bits, and a teacher trained for 2,000 steps on
+    another CPU is another teacher, so every row says where it ran (and which teacher it learned from)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_dir(output_dir: str, method: str, seed: int, lr: float) -> Path:
     return Path(output_dir) / "runs" / f"{method}_s{seed}_lr{lr:g}"
 
@@ -257,8 +278,7 @@ def preference_data(cfg, model, seed: int, cache_dir: str | None = None, k: int 
 
     # Every preference method of a seed draws the same data from the same start: drawn once, kept under a key of
     # everything it depends on (the start's weights, the task, the seed and the sizes), shared by later workers.
-    weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
-    key = hashlib.sha256(json.dumps([weights.hexdigest(), dataclasses.asdict(task()), seed, cfg["n_train"],
+    key = hashlib.sha256(json.dumps([weights_sha(model), dataclasses.asdict(task()), seed, cfg["n_train"],
                                      cfg["n_pref"], k]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / "preference_data" / f"s{seed}_{key}.json" if cache_dir else None
     if cache is not None and cache.exists():
@@ -450,8 +470,8 @@ def sft_start(cli, seed: int):
 
 
 def run_one(cli, method: str, seed: int, lr: float) -> dict:
-    """Train one (method, seed, learning rate) and measure it; the SFT run also saves its student (the preference
-    methods' start)."""
+    """Train one (method, seed, learning rate), measure it and save its student in ``<run dir>/final`` (the sft
+    run's is the continued methods' start; every run's can be measured again, e.g. by exposure_bias.py)."""
     import datasets
     import torch
     from transformers import PrinterCallback, TrainerCallback
@@ -494,13 +514,12 @@ def run_one(cli, method: str, seed: int, lr: float) -> dict:
     peak = memory.stop()
     final = measure(student, cfg, seed)
     curve.points.append({"step": trainer.state.global_step, **measure(student, cfg, seed, full=False)})
-    if method == "sft":
-        student.save_pretrained(run_dir(cli.output_dir, "sft", seed, lr) / "final")
+    student.save_pretrained(run_dir(cli.output_dir, method, seed, lr) / "final")  # sft's: the continued runs' start
     tokens = sum(n for _, n in counts)
     log = trainer.state.log_history
     return {
         "method": method, "seed": seed, "learning_rate": lr, "size": cli.size, "student_start": cli.student_start,
-        **final, **facts,
+        **final, **facts, "cpu": cpu_name(), "teacher_sha": weights_sha(teacher)[:12] if teacher is not None else None,
         "curve": curve.points,
         "loss": [(e["step"], e["loss"]) for e in log if "loss" in e],
         "rewards_margin": [(e["step"], e["rewards/margins"]) for e in log if "rewards/margins" in e],
@@ -530,6 +549,7 @@ def prepare(cli, cfg) -> dict:
     torch.set_num_threads(2)
     teacher, tokenizer = load_teacher(cfg)
     info = {f"teacher_{k}": v for k, v in measure(teacher, cfg, 0).items()}
+    info.update(teacher_sha=weights_sha(teacher)[:12], cpu=cpu_name())
     print(f"teacher {cfg['teacher']}: forward KL to p* {info['teacher_forward_kl']:.4f}/token, validity "
           f"{info['teacher_validity']:.3f} (greedy {info['teacher_validity_greedy']:.3f})", flush=True)
     if any(m.startswith("ddpo_adpa") for m in cli.methods):

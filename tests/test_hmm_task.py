@@ -238,3 +238,90 @@ def test_task_key_names_every_parameter():
     assert hmm_task.TaskConfig().key() == hmm_task.TaskConfig().key()
     assert hmm_task.TaskConfig(seed=1).key() != hmm_task.TaskConfig().key()
     assert hmm_task.TaskConfig(completion_length=16).key() != hmm_task.TaskConfig().key()
+
+
+def reachable_impossible(lang: hmm_task.HMMLanguage, words: list[int], noise: list[bool]) -> list[bool]:
+    """`impossible_words` by sets of possible hidden states (no probabilities): a word is impossible when no
+    possible state emits it, and is then skipped (every successor of a possible state becomes possible)."""
+    possible, out = {s for s in range(lang.config.n_states) if lang.initial[s] > 0}, []
+    for word, is_noise in zip(words, noise):
+        emitting = {s for s in possible if lang.emission[s, word] > 0}
+        out.append(is_noise or not emitting)
+        kept = possible if out[-1] else emitting
+        possible = {b for a in kept for b in range(lang.config.n_states) if lang.transition[a, b] > 0}
+    return out
+
+
+def test_impossible_words_skip_each_mistake_and_match_the_sets_of_possible_states():
+    lang = hmm_task.language(TINY)
+    generator = torch.Generator().manual_seed(3)
+    words = torch.randint(0, TINY.n_words, (300, 8), generator=generator)  # random words: many mistakes
+    noise = torch.rand(300, 8, generator=generator) < 0.1
+    judged = lang.impossible_words(words, noise)
+    assert 0.1 < judged.float().mean() < 0.9
+    for row in range(300):
+        assert judged[row].tolist() == reachable_impossible(lang, words[row].tolist(), noise[row].tolist())
+
+
+def test_one_wrong_word_in_a_sample_of_p_star_is_one_mistake():
+    config = hmm_task.TaskConfig()
+    lang = hmm_task.language(config)
+    prompts, completions = hmm_task.sample_pairs(config, 200, "eval")
+    tokens = torch.cat([completions + hmm_task.WORD_OFFSET, torch.full((200, 1), hmm_task.END_ID)], 1)
+    assert not hmm_task.mistakes(config, prompts, tokens).any()
+    position = 5
+    probs = lang.next_word_probs(torch.cat([prompts, completions[:, : position + 1]], 1))[:, -1]
+    wrong = tokens.clone()
+    wrong[:, position] = (probs <= 0).double().argmax(1) + hmm_task.WORD_OFFSET  # a word p* cannot emit there
+    judged = hmm_task.mistakes(config, prompts, wrong)
+    assert judged[:, position].all() and judged.sum() == 200  # the words after it are judged on their own
+    assert not any(lang.is_valid(prompts, wrong.tolist()))  # validity, by contrast, loses the whole completion
+    special = tokens.clone()
+    special[:, position] = hmm_task.SPECIAL_TOKENS.index(hmm_task.PAD)
+    assert hmm_task.mistakes(config, prompts, special).sum(1).tolist() == [1] * 200
+
+
+def test_mistake_rates_split_clean_prefixes_from_the_positions_after_a_mistake():
+    mistakes = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    rates = hmm_task.mistake_rates(mistakes)
+    assert rates["mistake_rate"] == pytest.approx(4 / 15)
+    assert rates["first_mistake_rate"] == pytest.approx(3 / (2 + 5 + 1))  # positions up to and at the first mistake
+    assert rates["after_mistake_rate"] == pytest.approx(1 / (3 + 4))
+    late = hmm_task.mistake_rates(mistakes, start=2)  # judged from position 2 on
+    assert late["first_mistake_rate"] == pytest.approx(2 / (2 + 3 + 3))
+    assert late["after_mistake_rate"] == pytest.approx(0 / 1)
+    assert math.isnan(hmm_task.mistake_rates(torch.zeros(2, 3, dtype=torch.bool))["after_mistake_rate"])
+
+
+def test_completions_continue_a_given_prefix_as_the_model_would():
+    config = hmm_task.TaskConfig()
+    from trl_distill.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(hmm_task.make_tokenizer(config.n_words), hidden_size=16, num_layers=1, seed=0)
+    prompts, completions = hmm_task.sample_pairs(config, 6, "eval")
+    k = 4
+    tokens = hmm_task.sample_completions(model, config, prompts, completion_prefix=completions[:, :k])
+    assert tokens.shape == (6, config.completion_length + 1)
+    assert torch.equal(tokens[:, :k], completions[:, :k] + hmm_task.WORD_OFFSET)
+    input_ids = torch.cat([hmm_task.encode_prompts(prompts), tokens[:, :-1]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :, : config.n_words + hmm_task.WORD_OFFSET]
+    first = prompts.shape[1] + 1  # the <|assistant|> position predicts the first completion token
+    assert torch.equal(logits[:, first + k :].argmax(-1), tokens[:, k:])  # greedy, step by step
+    with pytest.raises(ValueError, match="completion_prefix"):
+        hmm_task.sample_completions(model, config, prompts, completion_prefix=completions[:2])
+
+
+def test_injected_mistakes_are_judged_after_the_injection_only():
+    config = hmm_task.TaskConfig()
+    from trl_distill.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(hmm_task.make_tokenizer(config.n_words), hidden_size=16, num_layers=1, seed=0)
+    prompts, completions = hmm_task.sample_pairs(config, 20, "eval")
+    rates = hmm_task.injected_mistake_rates(model, config, prompts, completions, 8, torch.Generator().manual_seed(0))
+    assert rates == hmm_task.injected_mistake_rates(model, config, prompts, completions, 8,
+                                                    torch.Generator().manual_seed(0))
+    assert rates["mistake_rate"] > 0.5  # an untrained model: mostly mistakes
+    with pytest.raises(ValueError, match="position"):
+        hmm_task.injected_mistake_rates(model, config, prompts, completions, config.completion_length - 1,
+                                        torch.Generator())

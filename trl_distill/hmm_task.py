@@ -159,6 +159,28 @@ class HMMLanguage:
         probs = self.next_word_probs(words).gather(2, words.unsqueeze(2)).squeeze(2)
         return probs.log()
 
+    def impossible_words(self, words: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Which words of ``words`` ``[n, T]`` p* cannot emit after the words before them, each impossible word
+        *skipped* so that the words after it are still judged: ``[n, T]`` bool.
+
+        This is the limit of a channel that swaps a word for noise with vanishing probability: its posterior ignores a
+        word no state can emit (the hidden chain moves on a step without it) and is p*'s own posterior otherwise. A
+        sequence of p* has no impossible word; one wrong word inserted into it is one impossible word. ``noise``
+        (``[n, T]`` bool) marks positions that hold no word at all (a special token): impossible, and skipped.
+        """
+        n, length = words.shape
+        noise = torch.zeros(n, length, dtype=torch.bool) if noise is None else noise
+        out = torch.zeros(n, length, dtype=torch.bool)
+        prior = self.initial.expand(n, -1)  # P(h_t | the possible words before t)
+        for t in range(length):
+            joint = prior * self.emission[:, words[:, t]].T
+            total = joint.sum(1, keepdim=True)
+            skip = (total <= 0) | noise[:, t : t + 1]
+            out[:, t] = skip.squeeze(1)
+            posterior = torch.where(skip, prior, joint / total.clamp_min(1e-300))
+            prior = posterior @ self.transition
+        return out
+
     def completion_next_token_probs(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
         """p*(. | x, y_<t) over the token vocabulary at every completion position and at the end slot.
 
@@ -356,25 +378,32 @@ def forward_kl(model: torch.nn.Module, config: TaskConfig, prompts: torch.Tensor
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, config: TaskConfig, prompts: torch.Tensor,
                        generator: torch.Generator | None = None, temperature: float = 1.0,
-                       batch_size: int = 500) -> torch.Tensor:
+                       batch_size: int = 500, completion_prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Completions of ``model`` to word ``prompts``: token ids ``[n, L + 1]`` (room for L words and the end).
 
     ``generator=None`` decodes greedily; otherwise tokens are drawn at ``temperature`` from ``generator`` (a seeded
     ``torch.Generator``, never the global RNG, so a sample is the same in every process). All prompts have the same
     length, so no padding is needed and one KV cache serves the batch. Only the vocabulary's ids are drawn: a head
     padded wider than the tokenizer has its extra columns masked, as they decode to nothing.
+    ``completion_prefix`` (words ``[n, k]``) starts every completion (the assistant's turn) with given words: the
+    model continues after them, and they are the first k tokens of the result.
     """
     device = next(model.parameters()).device
     vocab = config.n_words + WORD_OFFSET
+    prefix = torch.zeros(len(prompts), 0, dtype=torch.long) if completion_prefix is None else completion_prefix
+    if prefix.shape[0] != len(prompts) or prefix.shape[1] > config.completion_length:
+        raise ValueError(f"completion_prefix must be [{len(prompts)}, k <= {config.completion_length}], got "
+                         f"{list(prefix.shape)}")
     # transformers 5.x renamed `past_key_values` to `cache` (in the forward and its output); accept either.
     cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     out = []
     with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
-            input_ids = encode_prompts(prompts[i : i + batch_size]).to(device)
-            tokens = []
+            given = prefix[i : i + batch_size] + WORD_OFFSET
+            input_ids = torch.cat([encode_prompts(prompts[i : i + batch_size]), given], 1).to(device)
+            tokens = list(given.T)
             past = None
-            for _ in range(config.completion_length + 1):
+            for _ in range(config.completion_length + 1 - prefix.shape[1]):
                 result = model(input_ids=input_ids, use_cache=True, **{cache_name: past})
                 past, logits = getattr(result, cache_name), result.logits[:, -1, :vocab].float()
                 if generator is None:
@@ -382,9 +411,9 @@ def sample_completions(model: torch.nn.Module, config: TaskConfig, prompts: torc
                 else:
                     probs = torch.softmax(logits / temperature, dim=-1).cpu()
                     token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
-                tokens.append(token)
+                tokens.append(token.cpu())
                 input_ids = token[:, None]
-            out.append(torch.stack(tokens, 1).cpu())
+            out.append(torch.stack(tokens, 1))
     return torch.cat(out)
 
 
@@ -393,3 +422,59 @@ def validity(model: torch.nn.Module, config: TaskConfig, prompts: torch.Tensor,
     """Fraction of the model's completions to ``prompts`` with ``p*(y | x) > 0`` (greedy when ``generator`` is None)."""
     completions = sample_completions(model, config, prompts, generator, temperature)
     return sum(language(config).is_valid(prompts, completions.tolist())) / len(prompts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mistakes that can be repaired (GKD's exposure-bias argument; benchmarks/exposure_bias.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mistakes(config: TaskConfig, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The mistakes of completions given as token ids ``[n, >= L]`` (`sample_completions`) to word ``prompts``:
+    ``[n, L]`` bool over the L word positions. A mistake is a token that is no word, or a word p* cannot emit after
+    the words before it, where earlier mistakes are skipped (`HMMLanguage.impossible_words`): one wrong word is one
+    mistake, and the words after it are judged on their own."""
+    length = config.completion_length
+    tokens = tokens[:, :length]
+    is_word = (tokens >= WORD_OFFSET) & (tokens < WORD_OFFSET + config.n_words)
+    words = torch.where(is_word, tokens - WORD_OFFSET, torch.zeros_like(tokens))
+    noise = torch.cat([torch.zeros(prompts.shape, dtype=torch.bool), ~is_word], 1)
+    judged = language(config).impossible_words(torch.cat([prompts, words], 1), noise)
+    return judged[:, prompts.shape[1] :]
+
+
+def mistake_rates(mistakes: torch.Tensor, start: int = 0) -> dict[str, float]:
+    """Rates of ``mistakes`` ``[n, L]`` over the positions from ``start`` on.
+
+    ``mistake_rate``: the share of positions holding a mistake. ``first_mistake_rate``: the share among positions
+    with no mistake before them (in range), i.e. how often a clean prefix goes wrong. ``after_mistake_rate``: the share
+    among positions after a sample's first mistake, i.e. how often the model goes wrong again once off p*'s support
+    (nan when no sample made a mistake before its last position).
+    """
+    judged = mistakes[:, start:]
+    before = judged.long().cumsum(1) - judged.long()  # mistakes strictly before each position
+    clean, after = before == 0, before > 0
+    return {
+        "mistake_rate": judged.double().mean().item(),
+        "first_mistake_rate": (judged & clean).sum().item() / max(clean.sum().item(), 1),
+        "after_mistake_rate": (judged & after).sum().item() / after.sum().item() if after.any() else float("nan"),
+    }
+
+
+def injected_mistake_rates(model: torch.nn.Module, config: TaskConfig, prompts: torch.Tensor,
+                           completions: torch.Tensor, position: int, generator: torch.Generator,
+                           temperature: float = 1.0) -> dict[str, float]:
+    """How a model continues after a mistake it did not make: each completion of p* (``completions`` ``[n, L]``)
+    keeps its first ``position`` words, then one word p* cannot emit there (drawn uniformly from ``generator``), and the
+    model writes the rest at ``temperature``. Returns `mistake_rates` over the words after the injected one: the same
+    prefixes for every model, so models compare on equal terms."""
+    if not 0 <= position < config.completion_length - 1:
+        raise ValueError(f"position must be in [0, {config.completion_length - 2}], got {position}")
+    context = torch.cat([prompts, completions[:, : position + 1]], 1)
+    impossible = language(config).next_word_probs(context)[:, -1] <= 0  # words p* cannot emit at `position`
+    if not impossible.any(1).all():
+        raise ValueError(f"some prefix allows every word at position {position}: nothing to inject")
+    wrong = torch.multinomial(impossible.double(), 1, generator=generator)
+    prefix = torch.cat([completions[:, :position], wrong], 1)
+    tokens = sample_completions(model, config, prompts, generator, temperature, completion_prefix=prefix)
+    return mistake_rates(mistakes(config, prompts, tokens), start=position + 1)
