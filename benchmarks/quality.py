@@ -482,6 +482,7 @@ def run_one(cli, method: str, seed: int, lr: float) -> dict:
     memory = PeakMemory("cpu")
     memory.start()
     teacher, tokenizer = load_teacher(cfg) if method in TEACHER_METHODS else (None, None)
+    teacher_sha = weights_sha(teacher)[:12] if teacher is not None else None  # before OKD adds its LoRA module
     if tokenizer is None:
         from trl_distill import hmm_task
 
@@ -519,7 +520,7 @@ def run_one(cli, method: str, seed: int, lr: float) -> dict:
     log = trainer.state.log_history
     return {
         "method": method, "seed": seed, "learning_rate": lr, "size": cli.size, "student_start": cli.student_start,
-        **final, **facts, "cpu": cpu_name(), "teacher_sha": weights_sha(teacher)[:12] if teacher is not None else None,
+        **final, **facts, "cpu": cpu_name(), "teacher_sha": teacher_sha,
         "curve": curve.points,
         "loss": [(e["step"], e["loss"]) for e in log if "loss" in e],
         "rewards_margin": [(e["step"], e["rewards/margins"]) for e in log if "rewards/margins" in e],

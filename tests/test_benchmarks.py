@@ -60,7 +60,26 @@ def test_quality_quick_runs_every_method_and_resumes(tmp_path, monkeypatch):
         assert [p["step"] for p in row["curve"]][0] == 0 and row["curve"][-1]["step"] == row["steps"]
         if row["method"] in quality.PREFERENCE_METHODS:
             assert row["n_pairs"] > 0 and 0.0 <= row["start_sample_validity"] <= 1.0
+        assert row["cpu"] and (row["teacher_sha"] is not None) == (row["method"] in quality.TEACHER_METHODS)
+        assert (quality.run_dir(str(out), row["method"], 0, row["learning_rate"]) / "final" / "config.json").exists()
     assert 0.0 <= results["info"]["teacher_validity"] <= 1.0
+    assert {json.loads(line)["teacher_sha"] for line in runs} == {None, results["info"]["teacher_sha"]}
+
+    # exposure_bias.py measures the saved students: mistakes after their own first one and after an injected one.
+    import exposure_bias
+
+    gkd = ["gkd_forward_kl_l0", "gkd_forward_kl_l0.5", "gkd_forward_kl_l1"]
+    bias = exposure_bias.main(["--size", "quick", "--output-dir", str(out), "--learning-rate", "3e-3", "--seeds", "0",
+                               "--n", "8", "--methods", "sft", *gkd, "--start-dir", str(out)])
+    assert list(bias["table"]) == ["teacher", "sft start (lr 0.003)", "sft", *gkd]
+    assert bias["runs"]["sft"] == bias["runs"]["sft start (lr 0.003)"]  # the same saved student, measured alike
+    for stats in bias["table"].values():
+        assert 0.0 <= stats["mistake_rate"][0] <= 1.0 and 0.0 <= stats["injected_after_mistake_rate"][0] <= 1.0
+    assert set(bias["pairs"]) == {"gkd_forward_kl_l0.5 - gkd_forward_kl_l0", "gkd_forward_kl_l1 - gkd_forward_kl_l0"}
+    assert "| gkd_forward_kl_l1 - gkd_forward_kl_l0 |" in (out / "exposure_bias.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no saved student of trl_gkd seed 0 lr 0.001"):
+        exposure_bias.main(["--size", "quick", "--output-dir", str(out), "--learning-rate", "1e-3", "--seeds", "0",
+                            "--methods", "trl_gkd"])
     assert "| gkd_forward_kl_l0 |" in (out / "quality.md").read_text()
     for name in ("quality_bars.png", "quality_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
